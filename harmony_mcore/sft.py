@@ -8,10 +8,11 @@ pipeline schedule, the optimizer and its lr schedule), and `loss/nll` reports th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from harmony_mcore.config import Config
 
@@ -40,6 +41,7 @@ def sft_worker(rank: int, world: int, cfg: Config, examples: Sequence[Supervised
     policy = Policy(cfg, arch_for(cfg.model), total, rank=rank, world=world, master_addr="", master_port=0)
     dp, dp_rank = cfg.parallel.dp, policy.ps.get_data_parallel_rank()
     history = []
+    bar = tqdm(total=total, unit="step", desc="warm start", disable=rank != 0 or not cfg.logging.progress)
     for epoch in range(epochs):
         order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(examples))
         for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -49,5 +51,9 @@ def sft_worker(rank: int, world: int, cfg: Config, examples: Sequence[Supervised
             metrics = policy.train_step()
             if metrics.get("tokens"):
                 history.append({"epoch": epoch, **metrics})
+            bar.update()
+            if "loss/nll" in metrics:
+                bar.set_postfix(nll=f"{metrics['loss/nll']:.3f}", refresh=False)
+    bar.close()
     policy.export_hf(out_hf)
     return history

@@ -7,8 +7,8 @@ rejects smaller heads, and the default vocab of 1000 is deliberately not a multi
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -21,9 +21,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def default_corpus() -> list[str]:
     """A small deterministic corpus covering digits, arithmetic, LaTeX answers and everyday English words."""
-    words = ("the a has buys gives away more how many does have left apples coins books each total then "
-             "Tom Ann Sam Lia Ben Eva she he they I we sells finds loses gets problem solution strategy rewritten "
-             "answer step so is are of and to in with by from for at every box bag").split()
+    words = ["the", "a", "has", "buys", "gives", "away", "more", "how", "many", "does", "have", "left", "apples", "coins", "books", "each", "total", "then", "Tom", "Ann", "Sam", "Lia", "Ben", "Eva", "she", "he", "they", "I", "we", "sells", "finds", "loses", "gets", "problem", "solution", "strategy", "rewritten", "answer", "step", "so", "is", "are", "of", "and", "to", "in", "with", "by", "from", "for", "at", "every", "box", "bag"]
     lines = []
     for i in range(400):
         a, b = (i * 7) % 97, (i * 13) % 89
@@ -69,10 +67,11 @@ def make_tiny_hf_model(out_dir: str | Path, family: str = "qwen3", *, vocab_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(out, vocab_size=vocab_size, corpus=tokenizer_corpus, split_digits=split_digits)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
-                  rms_norm_eps=1e-6, tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = {"vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": ffn,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": tied,
+              "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
     if family == "llama":
         rope = {"rope_type": "default", "rope_theta": 500000.0}
         if llama3_rope:
@@ -101,3 +100,22 @@ def make_tiny_hf_model(out_dir: str | Path, family: str = "qwen3", *, vocab_size
     cfg["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
+
+
+SHAPE_ARGS = ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab")
+
+
+def add_shape_args(parser, *, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
+                   vocab: int) -> None:
+    """--layers/--hidden/--heads/--kv-heads/--head-dim/--ffn/--vocab of a random Qwen3 (the benchmarks' model)."""
+    defaults = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                "ffn": ffn, "vocab": vocab}
+    for name in SHAPE_ARGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+
+
+def make_qwen3_from_args(out_dir: str | Path, args, **kwargs) -> Path:
+    """make_tiny_hf_model("qwen3") with the shape parsed by add_shape_args."""
+    return make_tiny_hf_model(out_dir, "qwen3", vocab_size=args.vocab, hidden=args.hidden, layers=args.layers,
+                              heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, ffn=args.ffn,
+                              **kwargs)

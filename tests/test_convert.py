@@ -14,8 +14,13 @@ import torch
 
 from harmony_mcore.dist import spawn_gloo
 from harmony_mcore.mcore import checkpoint
-from harmony_mcore.mcore.convert import (mcore_to_hf_worker, hf_to_mcore_worker, parity_worker,
-                                         preflight_hf_to_mcore, preflight_mcore_to_hf)
+from harmony_mcore.mcore.convert import (
+    hf_to_mcore_worker,
+    mcore_to_hf_worker,
+    parity_worker,
+    preflight_hf_to_mcore,
+    preflight_mcore_to_hf,
+)
 from harmony_mcore.mcore.parallel import LayoutError
 from harmony_mcore.weights.arch import ArchError, ArchSpec
 from harmony_mcore.weights.hf_dir import HFWeights

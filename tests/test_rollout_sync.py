@@ -14,7 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from harmony_mcore.records import REFRAME, SOLVER  # noqa: E402
+from harmony_mcore.records import REFRAME, SOLVER
 
 PARITY_TOL = 1e-3
 
@@ -124,3 +124,15 @@ def test_killed_engine_is_restarted_and_resynced(trained, task):
     rollouts = ctx.rollout(task, 6, 0)  # detects the dead engine, restarts it, pushes the current weights
     assert cluster.dead_engines() == []
     assert _max_logprob_diff(cluster, rollouts) <= PARITY_TOL
+
+
+def test_shutdown_releases_shared_memory_slots(trained):
+    """Runs last for each layout: Cluster.shutdown closes the senders, so no /dev/shm slot file outlives the run."""
+    from harmony_mcore.rollout.shm import SHM_DIR
+
+    _, cluster, _, _ = trained
+    pids = ray.get([p.__ray_call__.remote(lambda _: os.getpid()) for p in cluster.policies])
+    ours = {f for pid in pids for f in SHM_DIR.glob(f"harmony-*-{pid}-*")}
+    assert ours, "the shm transport should hold slot files between syncs"
+    cluster.shutdown()
+    assert not [f for f in ours if f.exists()]

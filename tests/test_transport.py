@@ -25,9 +25,19 @@ import torch.distributed as dist
 
 from harmony_mcore.rollout import transport
 from harmony_mcore.rollout.shm import ShmBucket, ShmBucketWriter, read_bucket
-from harmony_mcore.rollout.transport import (BucketPayload, BucketPlanner, EngineReceiver, RankLayout,
-                                             TransportError, bucket_meta, engine_init_infos, make_sender,
-                                             pack_into, resolve_kind, unpack)
+from harmony_mcore.rollout.transport import (
+    BucketPayload,
+    BucketPlanner,
+    EngineReceiver,
+    RankLayout,
+    TransportError,
+    bucket_meta,
+    engine_init_infos,
+    make_sender,
+    pack_into,
+    resolve_kind,
+    unpack,
+)
 from harmony_mcore.rollout.worker_ext import WeightReceiver
 from harmony_mcore.weights import hf_dir
 from tests.dist_utils import run_gloo
@@ -309,8 +319,10 @@ def test_engine_init_infos():
 def test_vllm_accepts_the_payloads(monkeypatch):
     """The installed vLLM parses what the senders produce, and its RPC encoder carries it without pickling."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
-    from vllm.distributed.weight_transfer.ipc_engine import (IPCWeightTransferInitInfo,
-                                                             IPCWeightTransferUpdateInfo)
+    from vllm.distributed.weight_transfer.ipc_engine import (
+        IPCWeightTransferInitInfo,
+        IPCWeightTransferUpdateInfo,
+    )
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 

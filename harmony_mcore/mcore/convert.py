@@ -65,7 +65,7 @@ def hf_to_mcore_worker(rank: int, world: int, hf_path: str, out: str, tp: int, p
     padded = arch.padded_vocab_size(vocab_multiple)
     parallel.check_layout(arch, tp=tp, pp=pp, world=world, padded_vocab=padded)
     parallel.init_parallel(tp, pp, cpu=True)
-    model = build_gpt(arch, padded, dtype=dtype, spec="local")
+    model = build_gpt(arch, padded, dtype=dtype, spec="local", init_weights=False)
     load_hf_weights(model, hf_dir.HFWeights(hf_path), arch, padded)
     meta = checkpoint.CheckpointMeta(arch, padded, dtype, {"source": str(Path(hf_path).resolve())})
     checkpoint.save_model(out, model, meta, hf_meta_src=hf_path)
@@ -77,7 +77,7 @@ def mcore_to_hf_worker(rank: int, world: int, mcore_path: str, out: str, tp: int
     meta = checkpoint.read_meta(mcore_path)
     parallel.check_layout(meta.arch, tp=tp, pp=pp, world=world, padded_vocab=meta.padded_vocab_size)
     parallel.init_parallel(tp, pp, cpu=True)
-    model = build_gpt(meta.arch, meta.padded_vocab_size, dtype=meta.dtype, spec="local")
+    model = build_gpt(meta.arch, meta.padded_vocab_size, dtype=meta.dtype, spec="local", init_weights=False)
     checkpoint.load_model(mcore_path, model, meta.arch, meta.padded_vocab_size)
     write_hf_dir(model, meta.arch, meta.dtype, out, hf_meta_src=Path(mcore_path) / "hf", shard_bytes=shard_bytes)
 
@@ -134,7 +134,7 @@ def parity_worker(rank: int, world: int, hf_path: str, mcore_path: str, tp: int,
 
     from harmony_mcore.mcore.forward import forward_logits
 
-    model = build_gpt(arch, meta.padded_vocab_size, dtype="float32")
+    model = build_gpt(arch, meta.padded_vocab_size, dtype="float32", init_weights=False)
     checkpoint.load_model(mcore_path, model, arch, meta.padded_vocab_size)
     model.eval()
     tokens = torch.randint(0, arch.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))

@@ -30,8 +30,11 @@ def use_te_spec(choice: SpecChoice = "auto") -> bool:
 
 
 def transformer_config(arch: ArchSpec, *, tp: int, pp: int, dtype: str = "float32", use_te: bool = False,
-                       init_std: float = 0.02, recompute: bool = False):
-    """The Megatron TransformerConfig of `arch` (SwiGLU MLP, RMSNorm, RoPE, GQA, optional q/k norm, QKV bias)."""
+                       init_std: float = 0.02, recompute: bool = False, init_weights: bool = True):
+    """The Megatron TransformerConfig of `arch` (SwiGLU MLP, RMSNorm, RoPE, GQA, optional q/k norm, QKV bias).
+
+    init_weights=False skips Megatron's random initialisation (weights are left uninitialised): only for models
+    whose every parameter is loaded right after the build, where the init is most of the cost of a conversion."""
     from megatron.core.transformer import TransformerConfig
 
     torch_dtype = DTYPES[dtype]
@@ -52,6 +55,7 @@ def transformer_config(arch: ArchSpec, *, tp: int, pp: int, dtype: str = "float3
         attention_dropout=0.0,
         hidden_dropout=0.0,
         init_method_std=init_std,
+        perform_initialization=init_weights,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         sequence_parallel=False,
@@ -89,15 +93,16 @@ def layer_spec(arch: ArchSpec, use_te: bool):
 
 
 def build_gpt(arch: ArchSpec, padded_vocab: int, *, dtype: str = "float32", spec: SpecChoice = "auto",
-              max_seq_len: int | None = None, recompute: bool = False):
-    """This rank's GPTModel (its pipeline stage) after `init_parallel`. Random init (std 0.02)."""
+              max_seq_len: int | None = None, recompute: bool = False, init_weights: bool = True):
+    """This rank's GPTModel (its pipeline stage) after `init_parallel`. Random init (std 0.02), or none with
+    init_weights=False when every parameter is loaded next (see transformer_config)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     te = use_te_spec(spec)
     config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
                                 pp=ps.get_pipeline_model_parallel_world_size(), dtype=dtype, use_te=te,
-                                recompute=recompute)
+                                recompute=recompute, init_weights=init_weights)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch, te),

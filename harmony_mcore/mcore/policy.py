@@ -73,7 +73,9 @@ class Policy:
 
         self.ps = ps
         self.padded_vocab = arch.padded_vocab_size(m.vocab_multiple)
-        self.gpt = build_gpt(arch, self.padded_vocab, dtype=m.dtype, spec=m.layer_spec, recompute=m.recompute)
+        # Every parameter is loaded next (from mcore_path or hf_path), so Megatron's random init is skipped.
+        self.gpt = build_gpt(arch, self.padded_vocab, dtype=m.dtype, spec=m.layer_spec, recompute=m.recompute,
+                             init_weights=False)
         self._load_initial_weights()
         self.ref = self._frozen_copy() if cfg.grpo.kl_coef > 0 else None
         self._build_optimizer(total_steps * cfg.grpo.updates_per_step)
@@ -93,14 +95,18 @@ class Policy:
             load_hf_weights(self.gpt, hf_dir.HFWeights(m.hf_path), self.arch, self.padded_vocab)
 
     def _frozen_copy(self):
-        ref = build_gpt(self.arch, self.padded_vocab, dtype=self.cfg.model.dtype, spec=self.cfg.model.layer_spec)
+        ref = build_gpt(self.arch, self.padded_vocab, dtype=self.cfg.model.dtype, spec=self.cfg.model.layer_spec,
+                        init_weights=False)
         ref.load_state_dict(self.gpt.state_dict())
         ref.requires_grad_(False)
         return ref.eval()
 
     def _build_optimizer(self, total_updates: int) -> None:
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

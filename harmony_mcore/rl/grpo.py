@@ -14,7 +14,7 @@ seq_mean averages each sequence over its tokens, then averages sequences.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 

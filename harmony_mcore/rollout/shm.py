@@ -11,9 +11,9 @@ from __future__ import annotations
 import mmap
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -49,11 +49,23 @@ class ShmBucket:
 
 
 class ShmBucketWriter:
-    """Owns one /dev/shm file per slot (reused across buckets and steps, grown when needed)."""
+    """Owns one /dev/shm file per slot, reused across buckets and steps. Each slot stays mapped between writes
+    and is remapped only when a bucket outgrows it."""
 
     def __init__(self, tag: str, slots: int = 2):
         self._paths = [SHM_DIR / f"harmony-{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{i}" for i in range(slots)]
+        self._maps: list[mmap.mmap | None] = [None] * slots
         self._next = 0
+
+    def _mapping(self, slot: int, nbytes: int) -> mmap.mmap:
+        mm = self._maps[slot]
+        if mm is None or len(mm) < nbytes:
+            if mm is not None:
+                mm.close()
+            with open(self._paths[slot], "a+b") as f:
+                f.truncate(nbytes)
+                mm = self._maps[slot] = mmap.mmap(f.fileno(), nbytes)
+        return mm
 
     def write(self, tensors: dict[str, torch.Tensor]) -> ShmBucket:
         entries, offset = [], 0
@@ -61,21 +73,19 @@ class ShmBucketWriter:
             nbytes = t.numel() * t.element_size()
             entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
-        path = self._paths[self._next]
+        slot = self._next
         self._next = (self._next + 1) % len(self._paths)
-        with open(path, "a+b") as f:
-            if os.fstat(f.fileno()).st_size < offset:
-                f.truncate(offset)
-            with mmap.mmap(f.fileno(), offset) as mm:
-                flat = torch.frombuffer(mm, dtype=torch.uint8, count=offset)  # (offset,) bytes, shared
-                for e, t in zip(entries, tensors.values()):
-                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    flat[e.offset:e.offset + e.nbytes].copy_(src)
-                del flat
-        return ShmBucket(str(path), tuple(entries))
+        flat = torch.frombuffer(self._mapping(slot, offset), dtype=torch.uint8, count=offset)  # (offset,) shared
+        for e, t in zip(entries, tensors.values()):
+            flat[e.offset:e.offset + e.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        del flat  # release the buffer export so the mapping can be closed or regrown
+        return ShmBucket(str(self._paths[slot]), tuple(entries))
 
     def close(self) -> None:
-        for p in self._paths:
+        for slot, p in enumerate(self._paths):
+            if self._maps[slot] is not None:
+                self._maps[slot].close()
+                self._maps[slot] = None
             p.unlink(missing_ok=True)
 
 

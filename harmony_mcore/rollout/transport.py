@@ -83,8 +83,9 @@ import pickle
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -159,7 +160,6 @@ class RankLayout:
         )
 
 
-@torch.no_grad()
 class BucketPlanner:
     """`hf_dir.buckets` as a push-style state machine (the IPC sender decides step by step when to flush).
 
@@ -814,12 +814,18 @@ def _build_nccl_backend() -> dict[str, type]:
     from dataclasses import dataclass as _dataclass
 
     from vllm.distributed.weight_transfer.base import WeightTransferInitInfo
-    from vllm.distributed.weight_transfer.nccl_common import (NCCLWeightTransferInitInfo,
-                                                              worker_init_process_group)
-    from vllm.distributed.weight_transfer.nccl_engine import (NCCLWeightTransferEngine,
-                                                              NCCLWeightTransferUpdateInfo)
-    from vllm.distributed.weight_transfer.packed_tensor import (DEFAULT_PACKED_BUFFER_SIZE_BYTES,
-                                                                DEFAULT_PACKED_NUM_BUFFERS)
+    from vllm.distributed.weight_transfer.nccl_common import (
+        NCCLWeightTransferInitInfo,
+        worker_init_process_group,
+    )
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLWeightTransferEngine,
+        NCCLWeightTransferUpdateInfo,
+    )
+    from vllm.distributed.weight_transfer.packed_tensor import (
+        DEFAULT_PACKED_BUFFER_SIZE_BYTES,
+        DEFAULT_PACKED_NUM_BUFFERS,
+    )
 
     @_dataclass
     class StageGroupsInitInfo(WeightTransferInitInfo):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -73,6 +74,11 @@ def write_shard(path: str | Path, tensors: dict[str, torch.Tensor]) -> int:
     """Write one safetensors file; returns its payload bytes."""
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(contiguous, str(path), metadata={"format": "pt"})
+    # safetensors writes through a private temp file (mode 0600): give the shard the usual umask-based mode so
+    # other users of a shared cluster (and containers running as another uid) can load the export.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return sum(t.numel() * t.element_size() for t in contiguous.values())
 
 

@@ -19,9 +19,9 @@ Layouts (H = hidden, hd = head_dim, ng = query groups, hpg = heads per group, F 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 import torch
 
