@@ -148,6 +148,10 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, workspace):
     first_attempt = metric_steps(run)
     checkpointed = checkpoint_steps(run)
     if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+        # Not at once: slurmd (22.05) rejects a batch launch that arrives while it is still tearing down the
+        # killed attempt of the same job id ("Job N already killed, do not launch batch job") and the job then
+        # ends FAILED. SLURM's own BeginTime delay exists to avoid exactly that; 10 s is ample on one node.
+        time.sleep(10)
         slurm.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     info = slurm.wait_job(job_id, FINISHED, JOB_TIMEOUT_S)
