@@ -12,7 +12,7 @@ after each RPC (its idle rate is printed first).
 
 Unless --no-probe, each side is also timed alone, per bucket size:
   sender   gather + to-HF views without writing; the real shm packing (ShmBucketWriter) with no receiver; the
-           same bytes packed into slots mapped once (the proposed variant); in the policy process.
+           same bytes packed into one pre-sized mapping (the packing floor); in the policy process.
   engine   every bucket prepared in /dev/shm beforehand, then: the real `harmony_load_shm_bucket` RPCs as the
            engine actor issues them, a no-op RPC, and inside the vLLM worker (collective_rpc with a callable,
            hence VLLM_ALLOW_INSECURE_SERIALIZATION=1 for this local cluster): vLLM's initialize_layerwise_reload
