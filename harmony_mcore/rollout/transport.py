@@ -346,6 +346,18 @@ class WeightSender(ABC):
     def close(self) -> None:
         self.disconnect()
 
+    def _stage_groups(self, groups_fn: GroupsFn):
+        """The HF groups this rank sends (shm and NCCL: each stage's TP rank 0 of DP replica 0), or None: other
+        TP ranks of replica 0 only take part in the TP gathers; other replicas do nothing."""
+        if self.layout.dp_rank != 0:
+            return None
+        groups = groups_fn()
+        if self.layout.is_stage_sender:
+            return groups
+        for _ in groups:  # the TP gathers
+            pass
+        return None
+
 
 class ShmSender(WeightSender):
     """Shared-memory buckets (harmony_mcore.rollout.shm), the path of before: each stage sender writes buckets
@@ -360,14 +372,10 @@ class ShmSender(WeightSender):
         self._writer = None
 
     def push(self, groups_fn: GroupsFn, engines: list, bucket_bytes: int | None = None) -> dict[str, float]:
-        if self.layout.dp_rank != 0:
-            return {}
         start = time.perf_counter()
-        groups = groups_fn()
-        if not self.layout.is_stage_sender:
-            for _ in groups:  # the TP gathers
-                pass
-            return {"sync_bytes": 0.0, "sync_s": time.perf_counter() - start}
+        groups = self._stage_groups(groups_fn)
+        if groups is None:
+            return {} if self.layout.dp_rank != 0 else {"sync_bytes": 0.0, "sync_s": time.perf_counter() - start}
         if self._writer is None:
             from harmony_mcore.rollout.shm import ShmBucketWriter
 
@@ -458,14 +466,10 @@ class NcclSender(WeightSender):
         self._reserved, self._address = None, None
 
     def push(self, groups_fn: GroupsFn, engines: list, bucket_bytes: int | None = None) -> dict[str, float]:
-        if self.layout.dp_rank != 0:
-            return {}
         start = time.perf_counter()
-        groups = groups_fn()
-        if not self.layout.is_stage_sender:
-            for _ in groups:  # the TP gathers
-                pass
-            return {"sync_bytes": 0.0, "sync_s": time.perf_counter() - start}
+        groups = self._stage_groups(groups_fn)
+        if groups is None:
+            return {} if self.layout.dp_rank != 0 else {"sync_bytes": 0.0, "sync_s": time.perf_counter() - start}
         if self._group is None:
             raise TransportError("nccl: push() before connect() (Cluster.connect_weights at launch)")
         self._wait_turn()
