@@ -21,6 +21,7 @@ from harmony_mcore.config import Config
 from harmony_mcore.mcore.policy import Policy
 from harmony_mcore.rollout import transport
 from harmony_mcore.rollout.engine import EngineSettings, RolloutEngine
+from harmony_mcore.rollout.shm import sweep_stale_arenas
 from harmony_mcore.weights.arch import ArchSpec
 
 COLOCATED_SHARE = 0.45  # GPU fraction each colocated actor asks for (policy + engine share one GPU)
@@ -90,13 +91,14 @@ class Cluster:
         ray.get([(e.wake_up if awake else e.sleep).remote() for e in self.engines])
 
     def shutdown(self, grace_s: float = 30.0) -> None:
-        """Close the policy ranks (weight senders release their /dev/shm slots, process groups are destroyed),
-        then kill every actor. Best effort: an actor that is already dead or does not answer within grace_s is
+        """Close the policy ranks (weight senders release their /dev/shm slots, process groups are destroyed)
+        and the engines (their workers' parameter files), then kill every actor. Best effort: an actor that is already dead or does not answer within grace_s is
         killed anyway."""
-        try:
-            ray.get([p.close.remote() for p in self.policies], timeout=grace_s)
-        except Exception:  # noqa: BLE001 - dead or hung ranks are killed below
-            pass
+        for closing in ([p.close.remote() for p in self.policies], [e.shutdown.remote() for e in self.engines]):
+            try:
+                ray.get(closing, timeout=grace_s)
+            except Exception:  # noqa: BLE001 - dead or hung actors are killed below
+                pass
         for actor in self.policies + self.engines:
             try:
                 ray.kill(actor)
@@ -104,6 +106,7 @@ class Cluster:
                 pass
         if self.placement is not None:
             remove_placement_group(self.placement)
+        sweep_stale_arenas()  # parameter files of engine workers that were killed (this machine's /dev/shm)
 
 
 def start_ray(cfg: Config) -> None:
@@ -147,6 +150,7 @@ def engine_settings(cfg: Config, hf_dir: str) -> EngineSettings:
         enforce_eager=r.enforce_eager, seed=r.seed,
         enable_sleep_mode=on_gpu and r.placement == "colocated" and r.sleep_while_training,
         transport=transport.resolve_kind(r.transport, on_gpu=on_gpu, placement=r.placement),
+        cpu_weight_layout=r.cpu_weight_layout,
     )
 
 

@@ -66,6 +66,11 @@ class RolloutConfig:
     placement: colocated (engines share the policy's GPUs, sleeping while Megatron trains) or disaggregated.
     transport: weight sync path; auto = CUDA IPC when colocated on GPU, NCCL when disaggregated, shared memory on
     CPU.
+    cpu_weight_layout (vLLM-CPU engines only): packed is vLLM's own oneDNN-prepacked weights, the fastest CPU
+    generation, but every sync goes through vLLM's layer-wise reload and repack (~12x a memory copy of the
+    weights); plain keeps each weight as loaded (torch GEMMs, ~1.1-1.3x slower generation here) in /dev/shm,
+    where the trainer writes new weights directly (~1.8x a memory copy). Plain pays off when the sync dominates
+    the step (large model, short rollouts). Figures: tools/bench_weight_sync.py, tools/bench_rollout.py.
     """
 
     engines: int = 1
@@ -86,6 +91,7 @@ class RolloutConfig:
     sync_bucket_mb: int = 64
     transport: Literal["auto", "shm", "cuda_ipc", "nccl"] = "auto"
     sleep_while_training: bool = True
+    cpu_weight_layout: Literal["packed", "plain"] = "packed"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def task(tmp_path_factory):
     return list(make_task(0, 4, 8).test[:2])
 
 
-def _start(hf, tp: int, pp: int):
+def _start(hf, tp: int, pp: int, layout: str):
     from transformers import AutoTokenizer
 
     from harmony_mcore.cluster import launch, start_ray
@@ -37,7 +38,8 @@ def _start(hf, tp: int, pp: int):
     cfg = load_config(None, [f"model.hf_path={hf}", f"parallel.tp={tp}", f"parallel.pp={pp}", "rollout.n_per_view=2",
                              "rollout.max_response_tokens=16", "rollout.max_prompt_tokens=400",
                              "train.questions_per_step=2", "optim.lr=1e-2", "optim.warmup_ratio=0",
-                             "grpo.entropy_coef=0.5", "parallel.micro_batch_size=4", "rollout.sync_bucket_mb=1"])
+                             "grpo.entropy_coef=0.5", "parallel.micro_batch_size=4", "rollout.sync_bucket_mb=1",
+                             f"rollout.cpu_weight_layout={layout}"])
     start_ray(cfg)
     cluster = launch(cfg, ArchSpec.from_hf_dir(hf), total_steps=10, engine_hf_dir=str(hf))
     ctx = StepContext(cfg, cluster)
@@ -60,10 +62,12 @@ def _max_logprob_diff(cluster, rollouts) -> float:
     return max(abs(a - b) for r, mine in zip(rollouts, megatron) for a, b in zip(r.logprobs, mine))
 
 
-@pytest.fixture(scope="module", params=[(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.fixture(scope="module", params=[(2, 1, "plain"), (1, 2, "packed")], ids=["tp2-plain", "pp2-packed"])
 def trained(request, tiny_qwen3, task):
-    tp, pp = request.param
-    cfg, cluster, ctx = _start(tiny_qwen3, tp, pp)
+    """Both engine weight layouts: plain (direct writes into the engine's parameters after the first sync) at
+    TP=2, packed (buckets into vLLM's layer-wise reload) at PP=2."""
+    tp, pp, layout = request.param
+    cfg, cluster, ctx = _start(tiny_qwen3, tp, pp, layout)
     cluster.sync_weights(0, cfg.rollout.sync_bucket_mb)  # engines start from dummy weights
     try:
         first = None
@@ -99,6 +103,12 @@ def test_synced_weights_give_logprob_parity_and_skipping_sync_is_caught(trained,
     fresh = ctx.rollout(task, 5, 0)
     assert {r.weight_version for r in fresh} == {4}
     assert _max_logprob_diff(cluster, fresh) <= PARITY_TOL
+    # plain: every sync after the first (recorded) one wrote straight into the parameters; packed: buckets
+    direct = ray.get(cluster.engines[0].direct_target.remote(None))
+    if cfg.rollout.cpu_weight_layout == "plain":
+        assert direct is not None and direct["workers"][0]["pieces"], "the syncs above were not direct"
+    else:
+        assert direct is None
 
 
 def test_incomplete_sync_is_refused(trained):
@@ -116,7 +126,7 @@ def test_incomplete_sync_is_refused(trained):
 
 
 def test_killed_engine_is_restarted_and_resynced(trained, task):
-    cfg, cluster, ctx, _ = trained
+    _, cluster, ctx, _ = trained
     pid = ray.get(cluster.engines[0].ping.remote())
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ray.exceptions.RayActorError):
@@ -127,12 +137,18 @@ def test_killed_engine_is_restarted_and_resynced(trained, task):
 
 
 def test_shutdown_releases_shared_memory_slots(trained):
-    """Runs last for each layout: Cluster.shutdown closes the senders, so no /dev/shm slot file outlives the run."""
+    """Runs last for each layout: Cluster.shutdown closes the senders and the engines, so no /dev/shm slot or
+    parameter file outlives the run."""
     from harmony_mcore.rollout.shm import SHM_DIR
 
-    _, cluster, _, _ = trained
+    cfg, cluster, _, _ = trained
     pids = ray.get([p.__ray_call__.remote(lambda _: os.getpid()) for p in cluster.policies])
     ours = {f for pid in pids for f in SHM_DIR.glob(f"harmony-*-{pid}-*")}
     assert ours, "the shm transport should hold slot files between syncs"
+    arenas = set()
+    if cfg.rollout.cpu_weight_layout == "plain":
+        targets = ray.get([e.direct_target.remote(None) for e in cluster.engines])
+        arenas = {Path(w["path"]) for t in targets for w in t["workers"]}
+        assert arenas and all(a.exists() for a in arenas), "the engines' parameters should live in /dev/shm"
     cluster.shutdown()
-    assert not [f for f in ours if f.exists()]
+    assert not [f for f in ours | arenas if f.exists()]

@@ -175,6 +175,9 @@ class ShmEngine:
         self.buckets: list[list[str]] = []
         self.weights: dict[str, torch.Tensor] = {}
 
+    def direct_target(self, known_token):
+        return None  # no placement: buckets
+
     def load_shm_bucket(self, bucket: ShmBucket) -> int:
         got = dict(read_bucket(bucket))
         assert not set(got) & set(self.weights), "a weight arrived twice"

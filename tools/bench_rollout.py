@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128, help="tiny Qwen3 hidden size (cpu_tiny test model: 128)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-weight-layout", choices=("packed", "plain"), default="packed",
+                   help="rollout.cpu_weight_layout of the engine (packed: vLLM's oneDNN-prepacked weights, the "
+                        "default; plain: torch GEMMs on the weights as loaded)")
     p.add_argument("--workdir", default=None, help="parent of the temp directory (default: the system temp)")
     args = p.parse_args(argv)
 
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         reframe = [r for r in requests if r.view == REFRAME]
         sampling = SamplingSettings(temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens)
         engine = RolloutEngine(EngineSettings(hf_dir=str(hf), max_model_len=512, gpu_memory_utilization=0.1,
-                                              seed=args.seed))
+                                              seed=args.seed, cpu_weight_layout=args.cpu_weight_layout))
         prompt_tokens = sum(len(r.prompt_ids) * r.n for r in requests)
         timed_generate(engine, [requests], sampling)  # warm-up
         one, two, one_tokens, two_tokens, identical = [], [], [], [], []
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "one_call_runs_s": [round(x, 3) for x in one], "two_calls_runs_s": [round(x, 3) for x in two],
             "generated_tokens": tok1, "samples": len(requests) * args.n, "questions": len(questions),
             "n_per_view": args.n, "max_tokens": args.max_tokens, "identical_sample_share": round(min(identical), 4),
+            "cpu_weight_layout": args.cpu_weight_layout,
         }
     finally:
         if engine is not None:  # stops vLLM's engine-core process

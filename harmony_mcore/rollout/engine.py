@@ -2,19 +2,25 @@
 
 Both views of a batch of questions go to the engine in ONE `generate` call: every request carries its question id,
 view and seed, and every sample comes back as a `Rollout` tagged with the weight version it was sampled under.
-Weight updates arrive as buckets between `begin_weight_update` and `finish_weight_update`, through the run's
-transport (harmony_mcore.rollout.transport: shared memory, CUDA IPC or NCCL); the engine checks that every
-weight of the model arrived exactly once before it bumps its version.
+Weight updates arrive between `begin_weight_update` and `finish_weight_update`, through the run's transport
+(harmony_mcore.rollout.transport: shared memory, CUDA IPC or NCCL), as buckets or, for vLLM-CPU engines with
+plain weights after their first sync, as direct writes into the parameters that the sender reports with
+`direct_written`; either way the engine checks that every weight of the model arrived exactly once before it
+bumps its version.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
 from dataclasses import dataclass
 
 from harmony_mcore.records import Rollout
 from harmony_mcore.rollout.shm import ShmBucket
 from harmony_mcore.rollout.transport import BucketPayload, EngineReceiver
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class EngineSettings:
     seed: int = 0
     load_format: str = "auto"  # "dummy": start from random weights and wait for the trainer's first sync
     transport: str = "shm"  # resolved weight transport (harmony_mcore.rollout.transport): shm|cuda_ipc|nccl
+    cpu_weight_layout: str = "packed"  # vLLM-CPU: packed (vLLM's oneDNN weights) | plain (direct shm writes)
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,20 @@ class WeightSyncError(RuntimeError):
     """A weight update that did not deliver every weight exactly once."""
 
 
+def _plain_cpu_gemm(layout: str) -> bool:
+    """Whether this engine runs vLLM-CPU with plain weights (harmony_mcore.rollout.worker_ext), set up for the
+    vLLM processes it is about to start."""
+    from vllm.platforms import current_platform
+
+    from harmony_mcore.rollout.worker_ext import set_plain_cpu_gemm
+
+    if layout not in ("packed", "plain"):
+        raise ValueError(f"rollout.cpu_weight_layout: expected packed or plain, got {layout!r}")
+    plain = layout == "plain" and current_platform.is_cpu()
+    set_plain_cpu_gemm(plain)
+    return plain
+
+
 class RolloutEngine:
     def __init__(self, settings: EngineSettings):
         from vllm import LLM
@@ -61,6 +82,7 @@ class RolloutEngine:
         self.settings = settings
         # Before the LLM: cuda_ipc sets the env its engine processes inherit, nccl registers its vLLM backend.
         self.receiver = EngineReceiver(settings.transport)
+        plain = _plain_cpu_gemm(settings.cpu_weight_layout)  # before the LLM too: its workers inherit the env
         self.llm = LLM(
             model=settings.hf_dir,
             dtype=settings.dtype,
@@ -80,6 +102,12 @@ class RolloutEngine:
             distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else "mp",
             **self.receiver.llm_kwargs(),  # weight_transfer_config for the GPU transports
         )
+        # plain vLLM-CPU weights over shm: the first complete sync is recorded, then senders write in place
+        self._direct_capable = plain and settings.transport == "shm"
+        self._direct: dict | None = None  # {"token", "workers"}: shm.DirectTarget's wire
+        self.direct_unsupported: str | None = None
+        if plain:
+            self.llm.collective_rpc("harmony_use_plain_cpu_gemm")
         self._expected = frozenset(expected_hf_names(ArchSpec.from_hf_dir(settings.hf_dir)))
         self._received: dict[str, int] | None = None
         self._pending_version: int | None = None
@@ -90,7 +118,11 @@ class RolloutEngine:
         return os.getpid()
 
     def shutdown(self) -> None:
-        """Stop the vLLM EngineCore subprocess now rather than at interpreter exit."""
+        """Stop the vLLM EngineCore subprocess now rather than at interpreter exit (and unlink the workers'
+        parameter files of the direct shm sync)."""
+        if self._direct is not None:
+            self.llm.collective_rpc("harmony_release_arena")
+            self._direct = None
         self.llm.llm_engine.engine_core.shutdown()
 
     # --- generation ----------------------------------------------------------------------------------------
@@ -128,7 +160,26 @@ class RolloutEngine:
         if self._received is not None:
             raise WeightSyncError(f"weight update {self._pending_version} still open when {version} began")
         self.receiver.begin(self.llm)  # GPU transports: one vLLM update session for the whole sync
+        if self._learning_placement():
+            self.llm.collective_rpc("harmony_record_placement")
         self._received, self._pending_version = {}, version
+
+    def _learning_placement(self) -> bool:
+        return self._direct_capable and self._direct is None and self.direct_unsupported is None
+
+    def direct_target(self, known_token: str | None) -> dict | None:
+        """Where a shm sender may write each HF weight straight into this engine's parameters: None (not known
+        yet, or not possible), {"token"} when the caller's copy is current, else the full shm.DirectTarget wire.
+        """
+        if self._direct is None:
+            return None
+        return {"token": known_token} if known_token == self._direct["token"] else self._direct
+
+    def direct_written(self, names: list[str]) -> int:
+        """A sender wrote these weights straight into the parameters (counted like a bucket's)."""
+        self._check_bucket(names, "direct_written")
+        self._count(names)
+        return len(names)
 
     def _check_bucket(self, names, method: str) -> None:
         if self._received is None:
@@ -165,6 +216,14 @@ class RolloutEngine:
             raise WeightSyncError(f"weight update {self._pending_version} incomplete: {what}")
         self.version = int(self._pending_version)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        if self._learning_placement():  # this complete sync went through the recorded loaders
+            workers = self.llm.collective_rpc("harmony_direct_target")
+            reasons = [w["unsupported"] for w in workers if "unsupported" in w]
+            if reasons:
+                self.direct_unsupported = reasons[0]
+                logger.warning("weight sync stays on shm buckets: %s", reasons[0])
+            else:
+                self._direct = {"token": uuid.uuid4().hex, "workers": workers}
         return self.version
 
     def weight_sum(self, vllm_param_name: str) -> float:

@@ -101,3 +101,121 @@ def read_bucket(bucket: ShmBucket) -> Iterator[tuple[str, torch.Tensor]]:
         dtype = getattr(torch, e.dtype)
         count = e.nbytes // torch.empty((), dtype=dtype).element_size()
         yield e.name, torch.frombuffer(mm, dtype=dtype, count=count, offset=e.offset).view(e.shape)
+
+
+# --- direct writes into an engine's parameters (rollout.cpu_weight_layout=plain) -------------------------------
+
+ARENA_PREFIX = "harmony-engine"  # /dev/shm/harmony-engine-<pid>-<hex>: the parameters of one vLLM worker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale_arenas() -> list[Path]:
+    """Unlink the parameter files of engine workers that no longer exist (a SIGKILLed worker cannot unlink its
+    own). Files are named after the owning pid; those of live processes are left alone."""
+    removed = []
+    for path in SHM_DIR.glob(f"{ARENA_PREFIX}-*"):
+        try:
+            pid = int(path.name.removeprefix(f"{ARENA_PREFIX}-").split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class ParamArena:
+    """Engine side: a worker's parameters moved into one /dev/shm file, so a sender on the same machine can write
+    new weights straight into them (harmony_mcore.rollout.placement says where each HF tensor goes).
+
+    Each parameter's storage becomes a view of the file (`param.data = view`); the model computes on it as
+    before. The file lives as long as the worker: `unlink()` at shutdown, `sweep_stale_arenas` after a crash.
+    """
+
+    def __init__(self, params: list[tuple[str, torch.Tensor]]):
+        sweep_stale_arenas()
+        self.path = SHM_DIR / f"{ARENA_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.layout: dict[str, tuple[int, str, int]] = {}  # name -> (byte offset, dtype, numel)
+        size = 0
+        for name, p in params:
+            if not p.is_contiguous():
+                raise ValueError(f"ParamArena: parameter {name!r} is not contiguous")
+            self.layout[name] = (size, str(p.dtype).removeprefix("torch."), p.numel())
+            size += -(-max(p.numel() * p.element_size(), 1) // _ALIGN) * _ALIGN
+        self.size = size
+        with open(self.path, "w+b") as f:
+            f.truncate(size)
+            self._mm = mmap.mmap(f.fileno(), size)
+        for name, p in params:
+            offset, _, numel = self.layout[name]
+            if numel:
+                view = torch.frombuffer(self._mm, dtype=p.dtype, count=numel, offset=offset).view(p.shape)
+                view.copy_(p.data)
+                p.data = view
+
+    def to_wire(self) -> dict:
+        return {"path": str(self.path), "size": self.size, "params": {k: list(v) for k, v in self.layout.items()}}
+
+    def unlink(self) -> None:
+        """Remove the file name (the memory stays mapped for as long as the worker and senders use it)."""
+        self.path.unlink(missing_ok=True)
+
+
+class DirectTarget:
+    """Sender side: one engine's parameter files mapped once, and a strided destination view per placement
+    piece; `write(name, tensor)` copies an HF tensor straight into the engine's parameters.
+
+    wire: what RolloutEngine.direct_target returns, {"token", "workers": [ParamArena.to_wire() + {"pieces",
+    "names"}]}, one entry per vLLM worker (TP rank) of the engine.
+    """
+
+    def __init__(self, wire: dict):
+        from harmony_mcore.rollout.placement import Piece
+
+        self.token = wire["token"]
+        self._maps: list[mmap.mmap] = []
+        self._plan: dict[str, list[tuple[torch.Tensor, Piece]]] = {}
+        for worker in wire["workers"]:
+            with open(worker["path"], "r+b") as f:
+                mm = mmap.mmap(f.fileno(), worker["size"])
+            self._maps.append(mm)
+            for name in worker["names"]:
+                self._plan.setdefault(name, [])
+            for w in worker["pieces"]:
+                piece = Piece.from_wire(w)
+                offset, dtype, numel = worker["params"][piece.param]
+                base = torch.frombuffer(mm, dtype=getattr(torch, dtype), count=numel, offset=offset)
+                dst = base.as_strided(piece.shape, piece.dst_stride, piece.dst_offset)
+                self._plan[piece.hf_name].append((dst, piece))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        from harmony_mcore.rollout.placement import covers_whole
+
+        plan = self._plan.get(name)
+        if plan is None:
+            raise KeyError(f"{name!r}: the engine's recorded placement has no such weight")
+        flat = None
+        for dst, piece in plan:
+            if covers_whole(piece, tensor.shape):
+                dst.copy_(tensor.detach())
+            else:  # a slice of the tensor (a TP shard of the engine)
+                flat = tensor.detach().contiguous() if flat is None else flat
+                dst.copy_(flat.as_strided(piece.shape, piece.src_stride, flat.storage_offset() + piece.src_offset))
+
+    def close(self) -> None:
+        self._plan = {}  # drop the views first: a mapping with live exports cannot close
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced somewhere; the mapping goes with it
+                pass
+        self._maps = []

@@ -2,8 +2,10 @@
 
 Kinds (`rollout.transport`, resolved by `resolve_kind`):
 
-    shm       /dev/shm files (harmony_mcore.rollout.shm): CPU, and the one-machine GPU fallback. The path of
-              before, unchanged: stage senders write buckets, the workers map them into `reload_weights`.
+    shm       /dev/shm files (harmony_mcore.rollout.shm): CPU, and the one-machine GPU fallback. vLLM-CPU
+              engines with plain weights get each HF tensor copied straight into their parameters (which live
+              in /dev/shm; placement recorded from vLLM's loaders on the engine's first sync); other engines
+              get buckets that their workers map into `load_weights` / `reload_weights` (ShmSender).
     cuda_ipc  colocated GPU engines. Received by vLLM's own "ipc" weight-transfer backend in packed mode: one
               CUDA IPC buffer per GPU, `packed_ipc_consumer` clones each bucket out of it into load_weights.
     nccl      disaggregated GPU engines (other GPUs, other nodes). Received by vLLM's own dense NCCL backend
@@ -43,7 +45,8 @@ below drives vLLM's wire protocol itself, with vLLM's pieces: `reduce_tensor` ha
 
 Choreographies:
 
-* shm: every stage sender (TP 0 of DP replica 0) on its own, two buckets in flight (two /dev/shm slots).
+* shm: every stage sender (TP 0 of DP replica 0) on its own: direct writes into the engines that published a
+  placement, then one `direct_written` RPC; two buckets in flight (two /dev/shm slots) for the others.
 * nccl: one group per pipeline stage s: {the stage s sender, rank 0} + every engine worker, where worker w of
   engine e is rank 1 + e * engine_tp + w, and the world size is 1 + engines * engine_tp. Per bucket the sender
   asks every engine to receive (`load_bucket`, metadata only), then broadcasts the packed bucket. Stages take
@@ -70,7 +73,9 @@ Limits and assumptions:
   broadcast hangs the other side (vLLM's PyNccl has no timeout).
 * Tensors are packed back to back inside a bucket (vLLM's packed layout), so each one's byte offset must be a
   multiple of its element size; that holds when a bucket has one dtype (checked, else TransportError).
-* shm: one machine (the engines must see the senders' /dev/shm).
+* shm: one machine (the engines must see the senders' /dev/shm). A direct write changes an engine's weights in
+  place, so it must not overlap a generate call (the trainer syncs between steps; RolloutEngine serves one call
+  at a time).
 
 vLLM, Ray, Megatron and CUDA-only code are imported lazily: this module imports on a CPU-only machine.
 """
@@ -360,9 +365,16 @@ class WeightSender(ABC):
 
 
 class ShmSender(WeightSender):
-    """Shared-memory buckets (harmony_mcore.rollout.shm), the path of before: each stage sender writes buckets
-    into two /dev/shm slots and calls `engine.load_shm_bucket(ShmBucket)`; a slot is reused only once every
-    engine has loaded the bucket it held."""
+    """Shared memory on one machine. Two ways into an engine, chosen per engine at every sync:
+
+    * direct (vLLM-CPU engines with plain weights, once the engine has recorded where its loaders put each HF
+      weight; harmony_mcore.rollout.placement): the engine's parameters live in /dev/shm files that this rank
+      maps once (`shm.DirectTarget`), and each HF tensor is copied straight into them. One copy per byte, no
+      staging bucket, one RPC per sync (`direct_written`, the names for the engine's coverage check).
+    * buckets (every other engine, and the first sync of a new engine, which its workers record): the stage
+      sender writes buckets into two /dev/shm slots and calls `engine.load_shm_bucket(ShmBucket)`; a slot is
+      reused only once every engine has loaded the bucket it held.
+    """
 
     kind = "shm"
     slots = 2
@@ -370,29 +382,75 @@ class ShmSender(WeightSender):
     def __init__(self, layout: RankLayout, *, bucket_bytes: int):
         super().__init__(layout, bucket_bytes=bucket_bytes)
         self._writer = None
+        self._targets: dict[int, Any] = {}  # engine index -> shm.DirectTarget
 
     def push(self, groups_fn: GroupsFn, engines: list, bucket_bytes: int | None = None) -> dict[str, float]:
         start = time.perf_counter()
         groups = self._stage_groups(groups_fn)
         if groups is None:
             return {} if self.layout.dp_rank != 0 else {"sync_bytes": 0.0, "sync_s": time.perf_counter() - start}
+        targets = self._direct_targets(engines)
+        direct = [t for t in targets if t is not None]
+        bucketed = [e for e, t in zip(engines, targets) if t is None]
+        names: list[str] = []
+        sent = 0
+
+        def written(groups):  # every group goes straight into the direct engines first
+            nonlocal sent
+            for group in groups:
+                if not group:
+                    continue
+                for name, tensor in group:
+                    for target in direct:
+                        target.write(name, tensor)
+                    names.append(name)
+                    sent += _nbytes(tensor)
+                yield group
+
+        if bucketed:
+            self._push_buckets(written(groups), bucketed, bucket_bytes or self.bucket_bytes)
+        else:
+            for _ in written(groups):
+                pass
+        _wait([_submit(e, "direct_written", names) for e, t in zip(engines, targets) if t is not None])
+        return {"sync_bytes": float(sent), "sync_s": time.perf_counter() - start}
+
+    def _direct_targets(self, engines: list) -> list:
+        """Per engine, its DirectTarget (mapped once per engine incarnation, re-fetched when its token changes)
+        or None (bucket path)."""
+        from harmony_mcore.rollout.shm import DirectTarget
+
+        known = [self._targets[i].token if i in self._targets else None for i in range(len(engines))]
+        replies = _wait([_submit(e, "direct_target", token) for e, token in zip(engines, known)])
+        out = []
+        for i, reply in enumerate(replies):
+            current = self._targets.get(i)
+            if current is not None and (reply is None or reply["token"] != current.token):
+                self._targets.pop(i).close()
+                current = None
+            if reply is not None and current is None:
+                current = self._targets[i] = DirectTarget(reply)
+            out.append(current)
+        return out
+
+    def _push_buckets(self, groups: Iterable[Group], engines: list, max_bytes: int) -> None:
         if self._writer is None:
             from harmony_mcore.rollout.shm import ShmBucketWriter
 
             self._writer = ShmBucketWriter(f"pp{self.layout.pp_rank}", slots=self.slots)
         in_flight: list[list] = []
-        sent = 0
-        for bucket in hf_dir.buckets((g for g in groups if g), bucket_bytes or self.bucket_bytes):
+        for bucket in hf_dir.buckets(groups, max_bytes):
             if len(in_flight) == self.slots:  # the slot about to be reused must have been consumed
                 _wait(in_flight.pop(0))
             shm_bucket = self._writer.write(bucket)
             in_flight.append([_submit(e, "load_shm_bucket", shm_bucket) for e in engines])
-            sent += sum(_nbytes(t) for t in bucket.values())
         for futures in in_flight:
             _wait(futures)
-        return {"sync_bytes": float(sent), "sync_s": time.perf_counter() - start}
 
     def close(self) -> None:
+        for target in self._targets.values():
+            target.close()
+        self._targets = {}
         if self._writer is not None:
             self._writer.close()
             self._writer = None
