@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -228,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ship_model and (args.short or not args.rebuild_model):
         parser.error("--ship-model needs --rebuild-model (and not --short)")
+    # vLLM logs INFO lines every step (a prefix-cache reset per sync) that would break the progress bar; the
+    # engine actors inherit this (export VLLM_LOGGING_LEVEL=INFO to see them).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     out = Path(args.out)
     settings = WarmStartSettings(n_warm=400, epochs=1) if args.short else WarmStartSettings()
     overrides = ["train.max_steps=2", "eval.every=2", "eval.k=2", "logging.progress=false"] if args.short else []
