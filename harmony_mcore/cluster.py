@@ -92,8 +92,8 @@ class Cluster:
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Close the policy ranks (weight senders release their /dev/shm slots, process groups are destroyed)
-        and the engines (their workers' parameter files), then kill every actor. Best effort: an actor that is already dead or does not answer within grace_s is
-        killed anyway."""
+        and the engines (their workers' parameter files), then kill every actor. Best effort: an actor that is
+        already dead or does not answer within grace_s is killed anyway."""
         for closing in ([p.close.remote() for p in self.policies], [e.shutdown.remote() for e in self.engines]):
             try:
                 ray.get(closing, timeout=grace_s)

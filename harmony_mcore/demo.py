@@ -30,6 +30,7 @@ import numpy as np
 
 from harmony_mcore.config import Config, load_config
 from harmony_mcore.data.synthetic import Difficulty, make_task, write_task
+from harmony_mcore.fsutil import atomic_dir
 from harmony_mcore.metrics import read_metrics
 from harmony_mcore.records import REFRAME, SOLVER
 
@@ -89,8 +90,7 @@ def warm_start(out: Path, s: WarmStartSettings, task, cfg: Config, rebuild: bool
         if _stamped_digest(model_dir) == s.digest():
             return model_dir / "hf"
         if _stamped_digest(SHIPPED_MODEL) == s.digest():
-            shutil.rmtree(model_dir, ignore_errors=True)
-            shutil.copytree(SHIPPED_MODEL, model_dir)
+            _copy_atomically(SHIPPED_MODEL, model_dir)
             return model_dir / "hf"
     return build_warm_start(model_dir, s, task, cfg)
 
@@ -133,16 +133,15 @@ def build_warm_start(model_dir: Path, s: WarmStartSettings, task, cfg: Config) -
     return model_dir / "hf"
 
 
+def _copy_atomically(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src, or stays as it was if the copy is interrupted (fsutil.atomic_dir)."""
+    with atomic_dir(dst, overwrite=True) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
 def ship_warm_start(model_dir: Path) -> None:
-    """Replace the shipped copy (harmony_mcore/assets) with <model_dir>, atomically (a copy, then one rename)."""
-    staging = SHIPPED_MODEL.with_name(SHIPPED_MODEL.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(model_dir, staging)
-    old = SHIPPED_MODEL.with_name(SHIPPED_MODEL.name + ".old")
-    if SHIPPED_MODEL.exists():
-        SHIPPED_MODEL.rename(old)
-    staging.rename(SHIPPED_MODEL)
-    shutil.rmtree(old, ignore_errors=True)
+    """Replace the shipped copy (harmony_mcore/assets) with <model_dir>."""
+    _copy_atomically(model_dir, SHIPPED_MODEL)
 
 
 def run_method(out: Path, method: str, seed: int, hf: Path, overrides: Sequence[str]) -> Path:

@@ -21,7 +21,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def default_corpus() -> list[str]:
     """A small deterministic corpus covering digits, arithmetic, LaTeX answers and everyday English words."""
-    words = ["the", "a", "has", "buys", "gives", "away", "more", "how", "many", "does", "have", "left", "apples", "coins", "books", "each", "total", "then", "Tom", "Ann", "Sam", "Lia", "Ben", "Eva", "she", "he", "they", "I", "we", "sells", "finds", "loses", "gets", "problem", "solution", "strategy", "rewritten", "answer", "step", "so", "is", "are", "of", "and", "to", "in", "with", "by", "from", "for", "at", "every", "box", "bag"]
+    words = ["the", "a", "has", "buys", "gives", "away", "more", "how", "many", "does", "have", "left", "apples",
+             "coins", "books", "each", "total", "then", "Tom", "Ann", "Sam", "Lia", "Ben", "Eva", "she", "he", "they",
+             "I", "we", "sells", "finds", "loses", "gets", "problem", "solution", "strategy", "rewritten", "answer",
+             "step", "so", "is", "are", "of", "and", "to", "in", "with", "by", "from", "for", "at", "every", "box",
+             "bag"]
     lines = []
     for i in range(400):
         a, b = (i * 7) % 97, (i * 13) % 89

@@ -95,7 +95,8 @@ class CopyRecorder(TorchDispatchMode):
 
     sources: the HF (name, tensor) pairs being loaded (contiguous, alive for the whole call); params: the model's
     unique parameters. After the call, `pieces` holds what was placed and `unsupported` the first reason the
-    placement cannot be replayed as plain copies (None if it can).
+    placement cannot be replayed as plain copies (None if it can). `names` lists every source, placed or not (a
+    loader may skip one, e.g. the LM head of tied embeddings).
     """
 
     def __init__(self, sources: Sequence[tuple[str, torch.Tensor]], params: Sequence[tuple[str, torch.Tensor]]):
@@ -103,6 +104,7 @@ class CopyRecorder(TorchDispatchMode):
         for name, t in sources:
             if not t.is_contiguous():
                 raise ValueError(f"CopyRecorder: source {name!r} must be contiguous")
+        self.names = [name for name, _ in sources]
         self._sources = _Ranges(sources)
         self._params = _Ranges(params)
         self.pieces: list[Piece] = []

@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
+from harmony_mcore.rollout.placement import Piece, covers_whole
+
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-_ALIGN = 64  # byte alignment of each tensor inside the bucket
+_ALIGN = 64  # byte alignment of each tensor inside a bucket or an arena
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class ShmBucketWriter:
         for name, t in tensors.items():
             nbytes = t.numel() * t.element_size()
             entries.append(TensorEntry(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
+            offset += _aligned(nbytes)
         slot = self._next
         self._next = (self._next + 1) % len(self._paths)
         flat = torch.frombuffer(self._mapping(slot, offset), dtype=torch.uint8, count=offset)  # (offset,) shared
@@ -114,7 +120,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
+        pass
     return True
 
 
@@ -150,7 +156,7 @@ class ParamArena:
             if not p.is_contiguous():
                 raise ValueError(f"ParamArena: parameter {name!r} is not contiguous")
             self.layout[name] = (size, str(p.dtype).removeprefix("torch."), p.numel())
-            size += -(-max(p.numel() * p.element_size(), 1) // _ALIGN) * _ALIGN
+            size += _aligned(max(p.numel() * p.element_size(), 1))
         self.size = size
         with open(self.path, "w+b") as f:
             f.truncate(size)
@@ -179,8 +185,6 @@ class DirectTarget:
     """
 
     def __init__(self, wire: dict):
-        from harmony_mcore.rollout.placement import Piece
-
         self.token = wire["token"]
         self._maps: list[mmap.mmap] = []
         self._plan: dict[str, list[tuple[torch.Tensor, Piece]]] = {}
@@ -198,8 +202,6 @@ class DirectTarget:
                 self._plan[piece.hf_name].append((dst, piece))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        from harmony_mcore.rollout.placement import covers_whole
-
         plan = self._plan.get(name)
         if plan is None:
             raise KeyError(f"{name!r}: the engine's recorded placement has no such weight")

@@ -66,9 +66,8 @@ if "vllm" in sys.modules:
 class WeightReceiver:
     _harmony_plain = False  # set by harmony_use_plain_cpu_gemm
     _harmony_arena = None  # ParamArena once the placement is known (plain mode)
-    _harmony_pieces: list | None = None  # placement recorded during the current sync
-    _harmony_names: set | None = None
-    _harmony_unsupported: str | None = None
+    _harmony_wire: dict | None = None  # the arena and placement, as harmony_direct_target hands them out
+    _harmony_recorders: list | None = None  # one CopyRecorder per bucket of the sync being recorded
 
     def harmony_use_plain_cpu_gemm(self) -> int:
         """Point every CPU GEMM of the model at its live weight (torch `F.linear`); returns how many.
@@ -96,7 +95,7 @@ class WeightReceiver:
         bucket = ShmBucket.from_wire(path, entries)
         if not self._harmony_plain:
             self.reload_weights(weights_iterator=read_bucket(bucket))
-        elif self._harmony_pieces is None:
+        elif self._harmony_recorders is None:
             self.model_runner.get_model().load_weights(read_bucket(bucket))
         else:  # learning the placement: vLLM's loaders, watched
             model = self.model_runner.get_model()
@@ -104,29 +103,29 @@ class WeightReceiver:
             recorder = CopyRecorder(sources, unique_parameters(model))
             with torch.no_grad(), recorder:
                 model.load_weights(iter(sources))
-            self._harmony_pieces += recorder.pieces
-            self._harmony_names.update(bucket.names)
-            self._harmony_unsupported = self._harmony_unsupported or recorder.unsupported
+            self._harmony_recorders.append(recorder)
         return len(bucket.entries)
 
     def harmony_record_placement(self) -> None:
         """Watch the loaders during this sync's buckets (plain mode, before the arena exists)."""
-        self._harmony_pieces, self._harmony_names, self._harmony_unsupported = [], set(), None
+        self._harmony_recorders = []
 
     def harmony_direct_target(self) -> dict:
         """After a complete recorded sync: move the parameters into a ParamArena and return where each HF weight
         goes (shm.DirectTarget's wire), or {"unsupported": reason}."""
         if self._harmony_arena is None:
-            pieces, names, self._harmony_pieces = self._harmony_pieces, self._harmony_names, None
+            recorders, self._harmony_recorders = self._harmony_recorders, None
             if not self._harmony_plain:
                 return {"unsupported": "rollout.cpu_weight_layout=packed (vLLM repacks weights after loading)"}
-            if pieces is None:
+            if recorders is None:
                 return {"unsupported": "no recorded sync"}
-            if self._harmony_unsupported:
-                return {"unsupported": self._harmony_unsupported}
+            reason = next((r.unsupported for r in recorders if r.unsupported), None)
+            if reason:
+                return {"unsupported": reason}
             self._harmony_arena = ParamArena(unique_parameters(self.model_runner.get_model()))
-            self._harmony_wire = {**self._harmony_arena.to_wire(), "pieces": [p.to_wire() for p in pieces],
-                                  "names": sorted(names)}
+            self._harmony_wire = {**self._harmony_arena.to_wire(),
+                                  "pieces": [p.to_wire() for r in recorders for p in r.pieces],
+                                  "names": sorted(n for r in recorders for n in r.names)}
         return self._harmony_wire
 
     def harmony_release_arena(self) -> None:
