@@ -1,10 +1,12 @@
 """Ray actors of one run: TP x PP x DP Megatron policy ranks and the vLLM rollout engines.
 
-GPU, colocated: one placement group of world GPUs; policy rank r and a share of an engine sit on GPU r (each asks
-for a fraction of it), engines sleep while Megatron trains. GPU, disaggregated: the engines get their own
-engines * engine_tp GPUs. CPU: every actor asks for one logical CPU; a local cluster is started with enough
-logical CPUs for all of them (Ray counts physical cores, and 4 ranks + an engine exceed 2 cores; they take turns
-in practice: generation and training alternate).
+GPU, colocated: one placement group of world one-GPU bundles; policy rank r sits on GPU r, and engine i's workers
+on the engine_tp GPUs of bundles i*engine_tp ... (each actor asks Ray for a share of one GPU; an engine spanning
+several GPUs is told their ids, which Ray cannot express); engines sleep while Megatron trains. GPU,
+disaggregated: each engine gets a bundle of engine_tp GPUs of its own, which Ray assigns to it. CPU: every actor
+asks for one logical CPU; a local cluster is started with enough logical CPUs for all of them (Ray counts physical
+cores, and 4 ranks + an engine exceed 2 cores; they take turns in practice: generation and training alternate).
+See `engine_placements` for the layout, `Cluster.sync_weights` for the memory hand-over around a sync.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ class Cluster:
     dp_rank_of: list[int]  # data-parallel rank of each policy rank
     placement: object | None = None
     engine_settings: EngineSettings | None = None
-    _restarts: int = field(default=0)
     _weights_connected: bool = field(default=False)
 
     def on_all(self, method: str, *args, **kwargs) -> list:
@@ -71,10 +72,19 @@ class Cluster:
         self._weights_connected = True
 
     def sync_weights(self, version: int, bucket_mb: int) -> dict[str, float]:
-        """Push the policy's current weights into every engine; they then serve `version`."""
+        """Push the policy's current weights into every engine; they then serve `version`.
+
+        Colocated GPU engines come back from their level-2 sleep (`sleep_engines`) in two halves around the push:
+        Megatron first returns its cached blocks to the driver, the engines re-allocate their weights, the push
+        fills them, the ranks free their last transport buffer (CUDA IPC), and only then do the engines
+        re-allocate their KV cache. Each call is a no-op where nothing sleeps (CPU, disaggregated)."""
+        self.on_all("release_memory")
+        ray.get([e.wake_weights.remote() for e in self.engines])
         ray.get([e.begin_weight_update.remote(version) for e in self.engines])
         stats = [s for s in self.on_all("push_weights", self.engines, bucket_mb) if s]
         ray.get([e.finish_weight_update.remote() for e in self.engines])
+        self.on_all("release_memory")
+        ray.get([e.wake_up.remote() for e in self.engines])
         return {"sync_bytes": sum(s["sync_bytes"] for s in stats), "sync_s": max(s["sync_s"] for s in stats)}
 
     def dead_engines(self, timeout_s: float = 30.0) -> list[int]:
@@ -86,9 +96,10 @@ class Cluster:
                 dead.append(i)
         return dead
 
-    def set_engines_awake(self, awake: bool) -> None:
-        """Colocated GPU engines free their memory while Megatron trains (a no-op on CPU)."""
-        ray.get([(e.wake_up if awake else e.sleep).remote() for e in self.engines])
+    def sleep_engines(self) -> None:
+        """Colocated GPU engines free all their GPU memory while Megatron trains (the next `sync_weights` wakes
+        them; a no-op on CPU and for disaggregated engines)."""
+        ray.get([e.sleep.remote() for e in self.engines])
 
     def shutdown(self, grace_s: float = 30.0) -> None:
         """Close the policy ranks (weight senders release their /dev/shm slots, process groups are destroyed)
@@ -140,6 +151,62 @@ def _gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where engine i runs: its actor in placement-group bundle `bundle`, asking Ray for `num_gpus`; its
+    workers on the GPUs of `gpu_bundles` (set explicitly when Ray's assignment to the actor does not cover them)."""
+
+    bundle: int
+    num_gpus: float
+    gpu_bundles: tuple[int, ...]
+    explicit_devices: bool
+
+
+def placement_bundles(world: int, engines: int, engine_tp: int, *, on_gpu: bool, colocated: bool) -> list[dict]:
+    """The placement group: one bundle per policy rank, then one per disaggregated engine (engine_tp GPUs, on one
+    node, as vLLM's tensor parallelism needs) or, on CPU, one CPU per engine."""
+    if not on_gpu:
+        return [{"CPU": 1} for _ in range(world + engines)]
+    ranks = [{"GPU": 1, "CPU": 1} for _ in range(world)]
+    return ranks if colocated else ranks + [{"GPU": engine_tp, "CPU": 1} for _ in range(engines)]
+
+
+def engine_placements(world: int, engines: int, engine_tp: int, *, on_gpu: bool,
+                      colocated: bool) -> list[EnginePlacement]:
+    """Engine i, colocated: bundles i*engine_tp .. i*engine_tp + engine_tp - 1 (mod world; the planner and config
+    keep engines * engine_tp <= world), its actor asking for a COLOCATED_SHARE of the first; with engine_tp > 1
+    the other GPUs are named explicitly. Disaggregated: its own bundle world + i, all of whose engine_tp GPUs Ray
+    assigns to the actor. CPU: its own one-CPU bundle world + i."""
+    out = []
+    for i in range(engines):
+        if not on_gpu:
+            out.append(EnginePlacement(world + i, 0.0, (), False))
+        elif colocated:
+            gpus = tuple((i * engine_tp + k) % world for k in range(engine_tp))
+            out.append(EnginePlacement(gpus[0], COLOCATED_SHARE, gpus, engine_tp > 1))
+        else:
+            out.append(EnginePlacement(world + i, float(engine_tp), (world + i,), False))
+    return out
+
+
+def visible_devices(place: EnginePlacement, bundle_gpus: dict[int, tuple[str, str]]) -> str | None:
+    """CUDA_VISIBLE_DEVICES of an engine whose GPUs are named explicitly, from each bundle's (node, GPU id);
+    None when Ray's assignment suffices. An engine's GPUs must share a node (vLLM's workers are local)."""
+    if not place.explicit_devices:
+        return None
+    nodes = {bundle_gpus[b][0] for b in place.gpu_bundles}
+    if len(nodes) > 1:
+        raise RuntimeError(f"engine bundles {place.gpu_bundles} span nodes {sorted(nodes)}: make engine_tp divide "
+                           "the GPUs per node")
+    return ",".join(bundle_gpus[b][1] for b in place.gpu_bundles)
+
+
+@ray.remote(num_cpus=0, num_gpus=0.01)
+def _bundle_gpu() -> tuple[str, str]:
+    """(node, GPU id) of the bundle this probe runs in (a sliver of its GPU, beside the rank's share)."""
+    return ray.util.get_node_ip_address(), str(ray.get_gpu_ids()[0])
+
+
 def engine_settings(cfg: Config, hf_dir: str) -> EngineSettings:
     r = cfg.rollout
     on_gpu = _gpus() > 0
@@ -158,50 +225,44 @@ def launch(cfg: Config, arch: ArchSpec, total_steps: int, engine_hf_dir: str) ->
     """Create and initialise every actor (policy ranks in parallel, then the engines)."""
     p, r = cfg.parallel, cfg.rollout
     world = p.tp * p.pp * p.dp
-    on_gpu = _gpus() > 0
-    if on_gpu:
-        gpus_for_engines = 0 if r.placement == "colocated" else r.engines * r.engine_tp
-        share = COLOCATED_SHARE if r.placement == "colocated" else 1.0
-        bundles = [{"GPU": 1, "CPU": 1} for _ in range(world + gpus_for_engines)]
-    else:
-        share = 0.0
-        bundles = [{"CPU": 1} for _ in range(world + r.engines)]
-    pg = placement_group(bundles, strategy="PACK")
+    on_gpu, colocated = _gpus() > 0, r.placement == "colocated"
+    pg = placement_group(placement_bundles(world, r.engines, r.engine_tp, on_gpu=on_gpu, colocated=colocated),
+                         strategy="PACK")
     ray.get(pg.ready())
-
-    def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-
-    addr, port = ray.get(_free_address.options(scheduling_strategy=in_bundle(0)).remote())
+    addr, port = ray.get(_free_address.options(scheduling_strategy=_in_bundle(pg, 0)).remote())
     actor = ray.remote(Policy)
+    share = (COLOCATED_SHARE if colocated else 1.0) if on_gpu else 0
     policies = [
-        actor.options(num_cpus=1, num_gpus=share if on_gpu else 0, scheduling_strategy=in_bundle(rank),
-                      name=None).remote(cfg, arch, total_steps, rank=rank, world=world, master_addr=addr,
-                                        master_port=port, local_rank=0)
+        actor.options(num_cpus=1, num_gpus=share, scheduling_strategy=_in_bundle(pg, rank)).remote(
+            cfg, arch, total_steps, rank=rank, world=world, master_addr=addr, master_port=port, local_rank=0)
         for rank in range(world)
     ]
     ranks = ray.get([pol.ping.remote() for pol in policies])
-    settings = engine_settings(cfg, engine_hf_dir)
-    engines = [_start_engine(cfg, settings, pg, world, i, on_gpu, share) for i in range(r.engines)]
-    ray.get([e.ping.remote() for e in engines])
-    cluster = Cluster(policies, engines, [rk["dp_rank"] for rk in ranks], pg, settings)
+    cluster = Cluster(policies, [], [rk["dp_rank"] for rk in ranks], pg, engine_settings(cfg, engine_hf_dir))
+    cluster.engines = [_start_engine(cluster, cfg, i) for i in range(r.engines)]
+    ray.get([e.ping.remote() for e in cluster.engines])
     cluster.connect_weights()
     return cluster
 
 
-def _start_engine(cfg: Config, settings: EngineSettings, pg, world: int, index: int, on_gpu: bool, share: float):
-    r = cfg.rollout
-    if on_gpu and r.placement == "colocated":
-        bundle, gpus = (index * r.engine_tp) % world, share if r.engine_tp == 1 else 0
-    elif on_gpu:
-        bundle, gpus = world + index * r.engine_tp, 1 if r.engine_tp == 1 else 0
-    else:
-        bundle, gpus = world + index, 0
+def _in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+def _start_engine(cluster: Cluster, cfg: Config, index: int):
+    r, world = cfg.rollout, len(cluster.policies)
+    on_gpu = _gpus() > 0
+    place = engine_placements(world, r.engines, r.engine_tp, on_gpu=on_gpu,
+                              colocated=r.placement == "colocated")[index]
+    devices = None
+    if place.explicit_devices:
+        probes = ray.get([_bundle_gpu.options(scheduling_strategy=_in_bundle(cluster.placement, b)).remote()
+                          for b in place.gpu_bundles])
+        devices = visible_devices(place, dict(zip(place.gpu_bundles, probes)))
     # engine_tp > 1 spawns its own worker processes on the bundle's node (vLLM's mp executor).
-    strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=bundle)
-    return ray.remote(RolloutEngine).options(num_cpus=1 if not on_gpu else 0, num_gpus=gpus,
-                                             scheduling_strategy=strategy,
-                                             max_concurrency=1).remote(settings)
+    return ray.remote(RolloutEngine).options(num_cpus=0 if on_gpu else 1, num_gpus=place.num_gpus,
+                                             scheduling_strategy=_in_bundle(cluster.placement, place.bundle),
+                                             max_concurrency=1).remote(cluster.engine_settings, devices)
 
 
 def restart_engine(cluster: Cluster, cfg: Config, index: int):
@@ -210,12 +271,8 @@ def restart_engine(cluster: Cluster, cfg: Config, index: int):
         ray.kill(cluster.engines[index])
     except Exception:  # noqa: BLE001 - it is dead already
         pass
-    on_gpu = _gpus() > 0
-    world = len(cluster.policies)
-    engine = _start_engine(cfg, cluster.engine_settings, cluster.placement, world, index, on_gpu,
-                           COLOCATED_SHARE if cfg.rollout.placement == "colocated" else 1.0)
+    engine = _start_engine(cluster, cfg, index)
     ray.get(engine.ping.remote())
     cluster.engines[index] = engine
-    cluster._restarts += 1
     cluster.connect_weights()  # the new engine joins (NCCL: every group is rebuilt)
     return engine

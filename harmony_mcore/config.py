@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from harmony_mcore.checks import ConfigError, is_finite
+from harmony_mcore.checks import require as _require
 from harmony_mcore.labels.config import CollapseConfig, LabelConfig, RewardConfig
 from harmony_mcore.rollout.prompts import REFRAME_TEMPLATE, SOLVER_TEMPLATE
+from harmony_mcore.weights.arch import ArchError, ArchSpec
+from harmony_mcore.weights.presets import PresetError, preset_config
 
 DEFAULT_STRATEGIES = ["Concretize", "Generalize", "Domain Shift", "Add Noise", "Reverse",
                       "Incremental Complexity", "Focus on Constraints", "Point-of-View Shift"]
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used, naming the key."""
 
 
 @dataclass
@@ -43,6 +45,10 @@ class ModelConfig:
     layer_spec: Literal["auto", "te", "local"] = "auto"
     vocab_multiple: int = 128
     recompute: bool = False
+
+    def hf_dir(self) -> str:
+        """The HF directory of config and tokenizer files: hf_path, or the copy inside mcore_path."""
+        return self.hf_path or str(Path(self.mcore_path) / "hf")
 
 
 @dataclass
@@ -105,6 +111,9 @@ class GRPOConfig:
     adv_norm: grpo (mean and std per (question, view) group) or dr_grpo (mean only).
     dynamic_sampling: drop (question, view) groups whose rewards are all equal (zero advantage).
     updates_per_step: optimizer steps per training step (the rollout batch is split into that many mini-batches).
+    tis_cap: truncated importance sampling, each token's policy loss weighted by min(p_trainer / p_rollout, cap)
+    (the standard correction for inference/training mismatch, e.g. bf16 engines; the published recipe uses 2).
+    null (default): off. The mismatch itself is logged every step either way (mismatch/*).
     """
 
     loss_agg: Literal["token_mean", "seq_mean"] = "token_mean"
@@ -117,6 +126,7 @@ class GRPOConfig:
     adv_norm: Literal["grpo", "dr_grpo"] = "grpo"
     dynamic_sampling: bool = False
     updates_per_step: int = 1
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -215,14 +225,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"{path}: config file not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
+            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+        bad = [o for o in overrides if "=" not in o or not o.partition("=")[0].strip()]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{e.full_key or '<root>'}: {e.msg}") from None
+        raise ConfigError(_omegaconf_message(e)) from None
     except ValueError as e:  # raised by a section's __post_init__, already naming its key
         if isinstance(e, ConfigError):
             raise
@@ -231,49 +241,279 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    """One line naming the key: OmegaConf's first message line (its other lines repeat types and keys)."""
+    text = (e.msg or str(e)).strip().splitlines()[0]
+    section = re.match(r"Merge error: (\w+) is not a subclass of (\w+)\. value: (.*)", text)
+    if not e.full_key and section:  # a whole section given as a scalar ("model: 5", "parallel=3")
+        name = next((f.name for f in fields(Config) if f.type == section.group(2)), "<root>")
+        return f"{name}: must be a section of keys ({name}.<key>=value), got {section.group(3)}"
+    if text.startswith("Incompatible value 'None'"):
+        text += " (an empty `key=` override is null" + ("; write key=\"''\" for an empty text)" if "'str'" in text
+                                                        else ")")
+    return f"{e.full_key or '<root>'}: {text}"
+
+
+def _load_yaml(path: Path):
+    """The YAML file as an OmegaConf node; ConfigError naming the file (and line) when it cannot be read."""
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{path}: expected a mapping of config sections (model:, parallel:, ...), "
+                          f"got a {type(node).__name__}")
+    return node
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
 def validate(cfg: Config) -> None:
-    """Ranges and cross-field rules OmegaConf's typing cannot express."""
+    """Ranges of every numeric field and the cross-field rules OmegaConf's typing cannot express, then the
+    parallel layout against the model's architecture when one can be read (model.hf_path's config.json,
+    model.mcore_path's harmony.json or model.preset): every refusal names its key, before anything starts.
+
+    Files that must exist to train are `check_inputs`' business: a config is also loaded to plan a cluster
+    before the weights are downloaded (`harmony-mcore plan`)."""
+    _require_finite(cfg)
     m, p, r, g, o, t, e = cfg.model, cfg.parallel, cfg.rollout, cfg.grpo, cfg.optim, cfg.train, cfg.eval
     _require(bool(m.hf_path or m.mcore_path or m.preset), "model.hf_path",
              "set model.hf_path (or model.mcore_path / model.preset)")
-    _require(m.vocab_multiple >= 1, "model.vocab_multiple", "must be >= 1")
+    _require(m.vocab_multiple >= 1, "model.vocab_multiple", f"must be >= 1, got {m.vocab_multiple}")
     for key in ("tp", "pp", "dp", "micro_batch_size", "threads_per_rank"):
-        _require(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
+        _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     for key in ("engines", "engine_tp", "n_per_view", "max_prompt_tokens", "max_response_tokens", "sync_bucket_mb"):
-        _require(getattr(r, key) >= 1, f"rollout.{key}", "must be >= 1")
-    _require(r.temperature > 0, "rollout.temperature", "must be > 0")
-    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _require(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization", "must be in (0, 1)")
-    _require(len(r.strategies) > 0, "rollout.strategies", "must name at least one reframing strategy")
+        _require(getattr(r, key) >= 1, f"rollout.{key}", f"must be >= 1, got {getattr(r, key)}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(r.seed >= 0, "rollout.seed", f"must be >= 0, got {r.seed}")
+    _require(0 < r.gpu_memory_utilization < 1, "rollout.gpu_memory_utilization",
+             f"must be in (0, 1), got {r.gpu_memory_utilization}")
+    _require(len(r.strategies) > 0 and all(s.strip() for s in r.strategies), "rollout.strategies",
+             "must name at least one reframing strategy, none of them blank")
+    _check_prompt(r.solver_prompt, "rollout.solver_prompt")
+    _check_prompt(r.reframe_prompt, "rollout.reframe_prompt")
     _require(list(cfg.labels.views) == ["solver", "reframe"], "labels.views",
              "the trainer generates the views [solver, reframe]")
-    _require(0 <= g.clip_low < 1 and g.clip_high >= 0, "grpo.clip_low", "clip_low in [0, 1), clip_high >= 0")
+    _require(0 <= g.clip_low < 1, "grpo.clip_low", f"must be in [0, 1), got {g.clip_low}")
+    _require(g.clip_high >= 0, "grpo.clip_high", f"must be >= 0, got {g.clip_high}")
     _require(g.dual_clip is None or g.dual_clip > 1, "grpo.dual_clip", "must be > 1 (or null)")
-    _require(g.kl_coef >= 0 and g.entropy_coef >= 0, "grpo.kl_coef", "kl_coef and entropy_coef must be >= 0")
+    _require(g.kl_coef >= 0, "grpo.kl_coef", f"must be >= 0, got {g.kl_coef}")
+    _require(g.entropy_coef >= 0, "grpo.entropy_coef", f"must be >= 0, got {g.entropy_coef}")
     _require(g.updates_per_step >= 1, "grpo.updates_per_step", "must be >= 1")
+    _require(g.tis_cap is None or g.tis_cap >= 1, "grpo.tis_cap", "must be >= 1 (or null: off)")
     _require(o.lr > 0 and 0 <= o.min_lr <= o.lr, "optim.lr", "need lr > 0 and 0 <= min_lr <= lr")
     _require(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(t.questions_per_step >= 1 and t.epochs >= 1, "train.questions_per_step",
-             "questions_per_step and epochs must be >= 1")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+    _require(o.adam_eps > 0, "optim.adam_eps", f"must be > 0, got {o.adam_eps}")
+    _require(t.questions_per_step >= 1, "train.questions_per_step", f"must be >= 1, got {t.questions_per_step}")
+    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)")
+    _require(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
     _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     _require(t.questions_per_step % p.dp == 0, "train.questions_per_step",
              f"{t.questions_per_step} questions do not split over parallel.dp={p.dp} ranks")
     sequences = t.questions_per_step * 2 * r.n_per_view // p.dp
     _require(sequences % g.updates_per_step == 0, "grpo.updates_per_step",
              f"{sequences} sequences per data-parallel rank do not split into {g.updates_per_step} updates")
-    _require(e.k >= 1 and e.every >= 0, "eval.k", "k >= 1 and every >= 0 (0 disables)")
-    _require(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last",
-             "every >= 0 (0 disables) and keep_last >= 1")
+    _require(e.k >= 1, "eval.k", f"must be >= 1, got {e.k}")
+    _require(e.every >= 0, "eval.every", f"must be >= 0 (0 disables), got {e.every}")
+    _require(e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    _require(0 < e.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {e.top_p}")
+    _require(e.max_response_tokens >= 0, "eval.max_response_tokens",
+             f"must be >= 0 (0: rollout.max_response_tokens), got {e.max_response_tokens}")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0 (0 disables), got {cfg.checkpoint.every}")
+    _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
+    _require(bool(cfg.logging.run_dir.strip()), "logging.run_dir", "must name a directory")
+    _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1 (or null)")
     if r.placement == "colocated" and r.transport == "nccl":
         raise ConfigError("rollout.transport: nccl broadcast is for disaggregated engines; colocated uses cuda_ipc")
+    found = _readable_arch(m)
+    if found is not None:
+        _check_layout(cfg, *found)
+
+
+def _require_finite(cfg: Config) -> None:
+    """Every float of every section (lists included) is a number: NaN and infinities pass no range check."""
+    for section, values in asdict(cfg).items():
+        for key, value in values.items():
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, float):
+                    _require(is_finite(item), f"{section}.{key}", f"must be a finite number, got {value!r}")
+
+
+_PROMPT_FIELDS = {"question": "\0question\0", "strategies": "strategies", "s0": "s0", "s1": "s1", "s2": "s2"}
+
+
+def _check_prompt(template: str, key: str) -> None:
+    """The template renders as harmony_mcore.rollout.prompts does, and holds the question."""
+    try:
+        text = template.format(**_PROMPT_FIELDS)
+    except KeyError as err:
+        raise ConfigError(f"{key}: unknown placeholder {{{err.args[0]}}}; placeholders are {{question}} "
+                          "{strategies} {s0} {s1} {s2}, and literal braces are written {{ }}") from None
+    except (IndexError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{key}: not a valid template ({type(err).__name__}: {err}); placeholders are "
+                          "{question} {strategies} {s0} {s1} {s2}, and literal braces are written {{ }}") from None
+    _require(_PROMPT_FIELDS["question"] in text, key, "must contain the {question} placeholder")
+
+
+def _json_object(path: Path, key: str) -> dict:
+    """A JSON file that must hold an object (config.json, harmony.json), errors naming the key."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: cannot read {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{key}: {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    _require(isinstance(value, dict), key, f"{path} must hold a JSON object")
+    return value
+
+
+def _readable_arch(m: ModelConfig) -> tuple[ArchSpec, str] | None:
+    """(ArchSpec, where it was read) from model.hf_path/config.json, else model.mcore_path/harmony.json, else
+    model.preset; None when none of them can be read (yet). A file that exists but does not describe a
+    supported model is an error naming its key, and so is an unknown preset."""
+    try:
+        preset = preset_config(m.preset) if m.preset else None
+    except PresetError as err:
+        raise ConfigError(str(err)) from None
+    hf_config = Path(m.hf_path) / "config.json"
+    if m.hf_path and hf_config.is_file():
+        try:
+            return ArchSpec.from_hf_config(_json_object(hf_config, "model.hf_path")), str(hf_config)
+        except (ArchError, ValueError, TypeError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"model.hf_path: {hf_config}: {err}") from None
+    meta = Path(m.mcore_path) / "harmony.json"
+    if m.mcore_path and meta.is_file():
+        arch = _json_object(meta, "model.mcore_path").get("arch")
+        try:
+            return ArchSpec.from_dict(arch), str(meta)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.mcore_path: {meta}: no valid 'arch' ({err})") from None
+    if preset is not None:
+        return ArchSpec.from_hf_config(preset), f"preset {m.preset}"
+    return None
+
+
+def model_arch(m: ModelConfig) -> ArchSpec:
+    """The model's ArchSpec (see `_readable_arch`); ConfigError naming model.hf_path when none is readable."""
+    found = _readable_arch(m)
+    if found is None:
+        raise ConfigError("model.hf_path: no architecture to read: set model.hf_path to a Hugging Face directory "
+                          "(config.json), model.mcore_path to a converted checkpoint (harmony.json) or model.preset")
+    return found[0]
+
+
+def _check_layout(cfg: Config, arch: ArchSpec, source: str) -> None:
+    """The parallel layout and sequence length against the architecture (the rules `harmony-mcore plan` checks
+    per model; the cluster's size is the planner's business), all problems in one message."""
+    from harmony_mcore.mcore.parallel import layout_errors
+
+    p, r = cfg.parallel, cfg.rollout
+    padded = arch.padded_vocab_size(cfg.model.vocab_multiple)
+    problems = layout_errors(arch, tp=p.tp, pp=p.pp, padded_vocab=padded)
+    engine_sizes = ((arch.num_heads, "attention heads"), (arch.num_query_groups, "query groups (KV heads)"),
+                    (padded, "padded vocab rows"))
+    problems += [f"rollout.engine_tp={r.engine_tp} does not divide the {n} {what}"
+                 for n, what in engine_sizes if n % r.engine_tp]
+    response = max(r.max_response_tokens, cfg.eval.max_response_tokens)  # the engines' max_model_len
+    if r.max_prompt_tokens + response > arch.max_position_embeddings:
+        which = "rollout" if response == r.max_response_tokens else "eval"
+        longest = r.max_prompt_tokens + response
+        problems.append(f"rollout.max_prompt_tokens + {which}.max_response_tokens = {longest} exceeds the "
+                        f"model's {arch.max_position_embeddings} positions")
+    if problems:
+        key = re.match(r"[a-z_]+\.[a-z_]+", problems[0])
+        raise ConfigError(f"{key.group(0) if key else 'parallel.tp'}: impossible layout for {source}: "
+                          + "; ".join(problems))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_inputs(cfg: Config) -> None:
+    """Everything a training run reads is there, each refusal naming its key: the weights (model.hf_path, a
+    Hugging Face directory with config, tokenizer and weights matching the config; or model.mcore_path, a complete
+    converted checkpoint that fits the model), the question files (train.data, eval.data) and a usable
+    logging.run_dir. Reads file headers only: the trainer runs it before it writes or starts anything."""
+    m = cfg.model
+    _require(bool(m.hf_path or m.mcore_path), "model.hf_path",
+             "training needs weights: set model.hf_path (a Hugging Face directory) or model.mcore_path (a converted "
+             "checkpoint); model.preset only names an architecture")
+    if m.hf_path:
+        _check_hf_dir(Path(m.hf_path), "model.hf_path", weights=not m.mcore_path)
+    if m.mcore_path:
+        _check_mcore_dir(m)
+    _require(bool(cfg.train.data), "train.data", "set the question file to train on")
+    for key, value in (("train.data", cfg.train.data), ("eval.data", cfg.eval.data)):
+        _require(not value or Path(value).exists(), key, f"{value} does not exist")
+    _check_run_dir(Path(cfg.logging.run_dir))
+
+
+def _check_hf_dir(path: Path, key: str, *, weights: bool) -> None:
+    """An HF directory with config.json and tokenizer files; with `weights`, safetensors matching the config."""
+    _require(path.exists(), key, f"{path} does not exist")
+    _require(path.is_dir(), key, f"{path} is not a directory")
+    _require((path / "config.json").is_file(), key, f"{path} has no config.json (not a Hugging Face model directory)")
+    _require(any((path / name).is_file() for name in TOKENIZER_FILES), key,
+             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if weights:
+        from safetensors import SafetensorError
+
+        from harmony_mcore.weights.validate import validate_hf_dir
+
+        try:
+            validate_hf_dir(path)
+        except (ValueError, KeyError, OSError, SafetensorError) as err:  # ArchError, WeightMismatchError, JSON
+            raise ConfigError(f"{key}: {err}" if str(path) in str(err) else f"{key}: {path}: {err}") from None
+
+
+def _check_mcore_dir(m: ModelConfig) -> None:
+    """A complete harmony_mcore checkpoint whose architecture and padded vocab fit the model."""
+    from harmony_mcore.fsutil import PARTIAL_SUFFIX
+    from harmony_mcore.mcore.checkpoint import CheckpointError, check_compatible, read_meta
+
+    path, key = Path(m.mcore_path), "model.mcore_path"
+    _require(not path.name.endswith(PARTIAL_SUFFIX), key,
+             f"{path} is an unfinished write ({PARTIAL_SUFFIX}); use a complete checkpoint")
+    _require(path.exists(), key, f"{path} does not exist")
+    _require(path.is_dir(), key, f"{path} is not a directory")
+    try:
+        meta = read_meta(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{key}: {path / 'harmony.json'} is damaged ({type(err).__name__}: {err})") from None
+    _require((path / "dist").is_dir(), key, f"{path} is an incomplete checkpoint (no dist/ directory)")
+    if not m.hf_path:
+        _check_hf_dir(path / "hf", key, weights=False)
+    arch = model_arch(m)
+    try:
+        check_compatible(meta, arch, arch.padded_vocab_size(m.vocab_multiple), str(path))
+    except CheckpointError as err:
+        raise ConfigError(f"{key}: {err} (model.vocab_multiple={m.vocab_multiple})") from None
+
+
+def _check_run_dir(path: Path) -> None:
+    _require(not path.exists() or path.is_dir(), "logging.run_dir", f"{path} exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    _require(existing.is_dir() and os.access(existing, os.W_OK | os.X_OK), "logging.run_dir",
+             f"cannot create or write {path} ({existing} is not a writable directory)")

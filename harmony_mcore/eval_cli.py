@@ -21,8 +21,8 @@ Writes a table to stdout and a JSON file: --out, by default `<model dir>.eval.js
     counts      loaded, skipped rows, unlabelled, evaluated questions; samples; response tokens
     timing_s    load, tokenize, export, engine_start, generate, score
 Exit status: 0 on success; 2 on bad input (a data error naming file, row and field; a question id in two
-files; a prompt over --max-prompt-tokens; a model directory of neither kind or an incomplete checkpoint; an
---out that cannot be written).
+files; a prompt over --max-prompt-tokens; a model directory that is missing, of neither kind, or an incomplete,
+damaged or unfinished (.partial) checkpoint; an option out of range; an --out that cannot be written).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -48,7 +49,8 @@ from harmony_mcore.data import DataError, LoadResult, read_questions
 from harmony_mcore.data.cli import MAX_REPORTED_SKIPS
 from harmony_mcore.evaluate import QuestionResult, score_questions, summarize
 from harmony_mcore.labels.config import LabelConfig
-from harmony_mcore.mcore.checkpoint import META_FILE, CheckpointError
+from harmony_mcore.fsutil import PARTIAL_SUFFIX
+from harmony_mcore.mcore.checkpoint import META_FILE, CheckpointError, read_meta
 from harmony_mcore.mcore.parallel import LayoutError
 from harmony_mcore.records import SOLVER, Question, Rollout
 from harmony_mcore.rollout.engine import GenerationRequest
@@ -127,13 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")  # what vLLM's --dtype accepts
+
+
 def check_options(args: argparse.Namespace) -> None:
+    share = args.gpu_memory_utilization
     rules = [(args.k >= 1, "--k must be >= 1"),
-             (args.temperature >= 0, "--temperature must be >= 0"),
+             (math.isfinite(args.temperature) and args.temperature >= 0, "--temperature must be a number >= 0"),
              (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
              (args.max_tokens >= 1, "--max-tokens must be >= 1"),
              (args.max_prompt_tokens >= 1, "--max-prompt-tokens must be >= 1"),
-             (args.tp >= 1, "--tp must be >= 1")]
+             (args.tp >= 1, "--tp must be >= 1"),
+             (share is None or 0 < share <= 1, "--gpu-memory-utilization must be in (0, 1]"),
+             (args.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")]
     for ok, message in rules:
         if not ok:
             raise EvalInputError(message)
@@ -144,12 +152,39 @@ def check_options(args: argparse.Namespace) -> None:
 
 def detect_model_kind(model: Path) -> ModelKind:
     """"mcore" for a checkpoint directory (harmony.json), "hf" for a Hugging Face one (config.json)."""
+    if not model.exists():
+        raise EvalInputError(f"--model {model}: does not exist")
+    if model.name.endswith(PARTIAL_SUFFIX):
+        raise EvalInputError(f"--model {model}: an unfinished write ({PARTIAL_SUFFIX}), not a complete model")
     if (model / META_FILE).is_file():
         return "mcore"
     if (model / "config.json").is_file():
         return "hf"
     raise EvalInputError(f"{model}: neither an HF model directory (config.json) nor an mcore checkpoint "
                          f"({META_FILE}); of a run directory, pass checkpoints/step_* or final_hf")
+
+
+def check_model(model: Path, kind: ModelKind) -> None:
+    """What can be checked before the long part: a readable config.json (HF), or a complete checkpoint with its
+    hf/ config and tokenizer copy (mcore)."""
+    if kind == "mcore":
+        try:
+            read_meta(model)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, TypeError) as err:  # fields of a damaged harmony.json
+            raise EvalInputError(f"{model / META_FILE} is damaged ({type(err).__name__}: {err})") from None
+        for part in ("dist", "hf"):
+            if not (model / part).is_dir():
+                raise CheckpointError(f"{model}: incomplete checkpoint (no {part}/ directory)")
+    config = tokenizer_dir(model, kind) / "config.json"
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise EvalInputError(f"{config}: must hold a JSON object")
+    except (OSError, ValueError) as err:
+        if isinstance(err, EvalInputError):
+            raise
+        raise EvalInputError(f"{config}: cannot be read as JSON ({err})") from None
 
 
 def tokenizer_dir(model: Path, kind: ModelKind) -> Path:
@@ -388,6 +423,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     t = time.perf_counter()
     check_options(args)
     kind = detect_model_kind(args.model)
+    check_model(args.model, kind)
     check_writable(out)
     bench = load_benchmarks(args.data, args.skip_bad_rows)
     report_loads(bench)

@@ -68,6 +68,7 @@ It fits when every GPU's peak is at most --gpu-mem-gib and every engine's KV cac
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -611,15 +612,17 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan of args.config on the cluster; 0 fits, 1 does not, 2 config or layout error."""
-    if min(args.nodes, args.gpus_per_node) < 1 or args.gpu_mem_gib <= 0:
-        print("harmony-mcore plan: need --nodes >= 1, --gpus-per-node >= 1 and --gpu-mem-gib > 0",
+    if min(args.nodes, args.gpus_per_node) < 1 or not (math.isfinite(args.gpu_mem_gib) and args.gpu_mem_gib > 0):
+        print("harmony-mcore plan: need --nodes >= 1, --gpus-per-node >= 1 and a finite --gpu-mem-gib > 0 (got "
+              f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} --gpu-mem-gib {args.gpu_mem_gib:g})",
               file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
         plan = make_plan(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib))
     except (ConfigError, PlanError) as err:
-        print(f"harmony-mcore plan: {Path(args.config).name}: {err}", file=sys.stderr)
+        where = "" if str(args.config) in str(err) else f"{Path(args.config).name}: "  # file errors name it
+        print(f"harmony-mcore plan: {where}{err}", file=sys.stderr)
         return 2
     print(render(plan))
     return 0 if plan.fits else 1

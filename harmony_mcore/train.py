@@ -9,13 +9,15 @@ Everything heavy runs in Ray actors (harmony_mcore.cluster); this process only o
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
 from harmony_mcore.cluster import Cluster, launch, restart_engine, start_ray
-from harmony_mcore.config import Config, save_config
+from harmony_mcore.config import Config, ConfigError, check_inputs, model_arch, save_config
 from harmony_mcore.data import load_questions
 from harmony_mcore.evaluate import score_rollouts
 from harmony_mcore.labels.batch import AnswerSample
@@ -29,7 +31,6 @@ from harmony_mcore.rollout.dispatch import build_requests, generate
 from harmony_mcore.rollout.engine import SamplingSettings
 from harmony_mcore.rollout.prompts import PromptTemplates
 from harmony_mcore.run_dir import RunDir
-from harmony_mcore.weights.presets import arch_for
 
 EXIT_REQUEUE = 75  # checkpointed on SIGUSR1/SIGTERM: the launcher requeues the job and it resumes
 MAX_ROLLBACKS = 3
@@ -45,16 +46,21 @@ class StopRun(RuntimeError):
 
 def train(cfg: Config, resume: bool = False) -> int:
     preempted = catch_preemption()  # first: a signal during start-up must not kill the run uncheckpointed
-    run = RunDir.create(cfg.logging.run_dir)
-    save_config(cfg, run.root / "config.yaml")
+    # Every input is checked before anything is written or started: a refused run leaves run_dir untouched.
+    check_inputs(cfg)
     questions = load_questions(cfg.train.data)
     evals = load_questions(cfg.eval.data) if cfg.eval.data else [q for q in questions if q.ground_truth]
     by_id = {q.qid: q for q in questions}
     steps_per_epoch, total = steps_in(len(questions), cfg)
+    arch = model_arch(cfg.model)
+    run = RunDir(Path(cfg.logging.run_dir))
     start, state = 0, {"collapse": None, "rollbacks": 0}
     if resume and run.latest_checkpoint():
         start, state = check_resumable(cfg, *run.latest_checkpoint())
-    arch = arch_for(cfg.model)
+    elif resume:
+        print(f"--resume: no checkpoint in {run.root / 'checkpoints'}; starting fresh from step 0", file=sys.stderr)
+    run = RunDir.create(cfg.logging.run_dir)
+    save_config(cfg, run.root / "config.yaml")
     start_ray(cfg)
     cluster = launch(cfg, arch, total, engine_config_dir(cfg))
     ctx = StepContext(cfg, cluster)
@@ -77,12 +83,11 @@ def train(cfg: Config, resume: bool = False) -> int:
             shards = shard_by_dp(batch, rollouts, cfg.parallel.dp)
             reports = cluster.first_per_dp(cluster.on_dp("score", shards, by_id, step))
             t2 = time.perf_counter()
-            cluster.set_engines_awake(False)
+            cluster.sleep_engines()  # colocated GPUs: the engines' memory goes to Megatron until the sync
             logprob = cluster.on_all("compute_logprobs")
             update = merge_rank_metrics(cluster.on_all("train_step"))
-            cluster.set_engines_awake(True)
             t3 = time.perf_counter()
-            sync = cluster.sync_weights(step + 1, cfg.rollout.sync_bucket_mb)
+            sync = cluster.sync_weights(step + 1, cfg.rollout.sync_bucket_mb)  # wakes the engines
             t4 = time.perf_counter()
             row = step_metrics(shards, reports, update) | sync | {
                 "epoch": step // steps_per_epoch, "weight_version": step + 1, "perf/gen_s": t1 - t0,
@@ -156,15 +161,15 @@ class StepContext:
 
 def engine_config_dir(cfg: Config) -> str:
     """Config and tokenizer the engines start from (weights come from the policy's first sync)."""
-    return cfg.model.hf_path or f"{cfg.model.mcore_path}/hf"
+    return cfg.model.hf_dir()
 
 
 def steps_in(num_questions: int, cfg: Config) -> tuple[int, int]:
     """(steps per epoch, total steps). Each epoch drops its last partial batch (a different one every epoch)."""
     per_epoch = num_questions // cfg.train.questions_per_step
     if per_epoch == 0:
-        raise ValueError(f"train.data has {num_questions} questions < train.questions_per_step="
-                         f"{cfg.train.questions_per_step}")
+        raise ConfigError(f"train.questions_per_step: train.data has {num_questions} questions, fewer than "
+                          f"train.questions_per_step={cfg.train.questions_per_step}")
     total = per_epoch * cfg.train.epochs
     return per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 

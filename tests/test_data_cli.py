@@ -39,7 +39,7 @@ def test_prepare_gpqa_writes_choice_questions(tmp_path: Path) -> None:
 def test_prepare_reports_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = write_jsonl(tmp_path / "gsm8k.jsonl", [*GSM8K_ROWS, {"question": "Q?", "answer": "no marker"}])
     argv = ["prepare", "--source", "gsm8k", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "gsm8k.jsonl, line 3, field 'answer': has no '####'" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
     assert main([*argv, "--skip-bad-rows"]) == 0
@@ -58,7 +58,7 @@ def test_synthetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*argv, "--ops", "add,sub,mul", "--max-steps", "3"]) == 0
     assert len(read_warm_start(tmp_path / "warm.jsonl")) == 12
     assert len(load_questions(tmp_path / "test.jsonl")) == 5
-    assert main([*argv, "--ops", "add,pow"]) == 1
+    assert main([*argv, "--ops", "add,pow"]) == 2
     assert "ops must be distinct names" in capsys.readouterr().err
 
 

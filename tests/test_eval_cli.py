@@ -207,6 +207,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, 
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_end_to_end_metrics_per_benchmark_and_table(tiny_runs):
     proc, report = tiny_runs["hf"]
     assert set(report["benchmarks"]) == {"arith", "quiz", ALL}
@@ -230,6 +231,7 @@ def test_end_to_end_metrics_per_benchmark_and_table(tiny_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_mcore_checkpoint_gives_identical_results_to_its_hf_model(tiny_runs):
     hf, mcore = tiny_runs["hf"][1], tiny_runs["mcore"][1]
     assert mcore["settings"]["model_kind"] == "mcore"

@@ -69,3 +69,27 @@ def test_aggregation_token_and_sequence_mean():
     assert (s.item(), n.item()) == (10.0, 4.0)  # token mean 2.5
     s, n = grpo.aggregate(per_token, mask, "seq_mean")
     assert (s.item(), n.item()) == (6.0, 2.0)  # (2 + 4) / 2 = 3
+
+
+def test_truncated_is_weight_hand_computed():
+    # ratios p_trainer / p_rollout: e^0 = 1, e^0.5 = 1.6487, e^1 = 2.7183 (capped at 2), e^-1 = 0.3679
+    old = torch.tensor([[0.0, 0.5, 1.0, -1.0]], requires_grad=True)
+    rollout = torch.zeros(1, 4)
+    w = grpo.truncated_is_weight(old, rollout, cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.0, 1.6487213, 2.0, 0.3678794], abs=1e-6)
+    assert not w.requires_grad, "a weight on the loss, not a path for gradients"
+
+
+def test_rollout_mismatch_hand_computed():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    rollout = torch.tensor([[-1.1, -2.0, -0.2], [-3.0, -1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the last token is padding
+    m = grpo.rollout_mismatch(logp, rollout, mask)
+    # deltas on the 5 real tokens: 0.1, 0, -0.3, 0, 0.5
+    assert float(m["count"]) == 5
+    assert float(m["abs_sum"]) == pytest.approx(0.9, abs=1e-6)
+    assert float(m["abs_max"]) == pytest.approx(0.5, abs=1e-6)
+    expected_ratio = math.exp(0.1) + 1 + math.exp(-0.3) + 1 + math.exp(0.5)
+    assert float(m["ratio_sum"]) == pytest.approx(expected_ratio, abs=1e-5)
+    same = grpo.rollout_mismatch(logp, logp, mask)
+    assert float(same["abs_sum"]) == 0 and float(same["ratio_sum"]) == 5, "no mismatch: |d| 0, ratio 1"

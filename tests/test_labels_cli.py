@@ -83,7 +83,7 @@ def test_bad_rows_are_named_by_line_and_field(tmp_path, capsys, bad_row, message
 
 def test_bad_option_is_an_error_naming_the_field(tmp_path, capsys):
     assert label(tmp_path, "--strategy", "prior", "--prior-pi", "1.5") == 2
-    assert "labels.prior_pi must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert "labels.prior_pi: must be in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_runs_as_a_module(tmp_path):

@@ -147,5 +147,5 @@ def test_label_is_in_both_views_without_smoothing(counts, strategy, lam):
 
 @pytest.mark.parametrize("strategy", ["penalized_mean", "prior"])
 def test_two_view_formulas_refuse_other_view_counts(strategy):
-    with pytest.raises(ValueError, match="labels.views must name exactly two views"):
+    with pytest.raises(ValueError, match="labels.views: must name exactly two views"):
         LabelConfig(strategy=strategy, views=["a", "b", "c"], view_weights=[1, 1, 1], majority_view="a")

@@ -1,6 +1,11 @@
-"""The Megatron policy rank on gloo (no Ray, no vLLM): GRPO update, non-finite handling, checkpoint resume."""
+"""The Megatron policy rank on gloo (no Ray, no vLLM): GRPO update, non-finite handling, and checkpoint resume
+with Megatron's DistributedOptimizer (the optimizer path of every machine) at DP=2, TP=2 and PP=2 in bf16, across
+a layout change, and into a model whose layers carry TransformerEngine-style `_extra_state`."""
 
 from __future__ import annotations
+
+import io
+import math
 
 import pytest
 import torch
@@ -41,10 +46,20 @@ def _response_logp(policy, seqs) -> list[float] | None:
     return [row[s.prompt_len - 1:len(s.tokens) - 1].mean().item() for s, row in zip(seqs, rows)]
 
 
+SHIFT = 0.25  # the engine's log-probs, made lower than the trainer's by this much
+
+
 def _update_case(rank: int, world: int, hf: str, tp: int, pp: int):
+    from dataclasses import replace
+
     policy = _policy(hf, [f"parallel.tp={tp}", f"parallel.pp={pp}"], rank, world)
-    policy.batch = _batch([1.0, -1.0, 1.0, -1.0])
-    before = _response_logp(policy, policy.batch)
+    seqs = _batch([1.0, -1.0, 1.0, -1.0])
+    before = _response_logp(policy, seqs)
+    # Rollout log-probs as an engine would report them: every response token's, here all 0.25 below the truth.
+    # Only the last stage computes log-probs, so every rank takes its copy from there.
+    exact = [policy.response_logprobs(seqs)]
+    torch.distributed.broadcast_object_list(exact, src=torch.distributed.get_world_size() - 1)
+    policy.batch = [replace(s, rollout_logprobs=tuple(x - SHIFT for x in lp)) for s, lp in zip(seqs, exact[0])]
     policy.compute_logprobs()
     first = policy.train_step()
     after = _response_logp(policy, policy.batch)
@@ -57,6 +72,10 @@ def test_first_update_has_zero_kl_and_follows_the_advantages(tiny_qwen3, tp, pp)
     first, before, after = next(r for r in results if r[1] is not None)  # a last-stage rank
     assert first["loss/kl"] == 0.0, "policy == reference before the first update"
     assert first["tokens"] > 0 and first["grad_norm"] > 0
+    # the train/rollout mismatch is measured on exactly the sampled tokens (positions aligned)
+    assert first["mismatch/abs_mean"] == pytest.approx(SHIFT, abs=1e-5)
+    assert first["mismatch/abs_max"] == pytest.approx(SHIFT, abs=1e-5)
+    assert first["mismatch/ratio_mean"] == pytest.approx(math.exp(SHIFT), abs=1e-5)
     for adv, b, a in zip([1.0, -1.0, 1.0, -1.0], before, after):
         assert (a - b) * adv > 0, "log-probs of positive-advantage responses rise, negative ones fall"
 
@@ -83,43 +102,144 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tiny_qwen3):
     assert error is not None and "2 consecutive updates with non-finite" in error
 
 
-def _resume_case(rank: int, world: int, hf: str, ckpt: str):
-    policy = _policy(hf, ["parallel.tp=2"], rank, world)
-    policy.batch = _batch([1.0, -1.0, 0.5, -0.5])
+def _optimizer_state(policy) -> list[torch.Tensor]:
+    """Every fp32 master weight and Adam moment (and step) of this rank, in a fixed order."""
+    out = []
+    for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+        for group in opt.optimizer.param_groups:
+            for main in group["params"]:
+                state = opt.optimizer.state[main]
+                out += [main.detach().clone()] + [state[k].detach().clone() for k in sorted(state)]
+    return out
+
+
+def _snapshot(policy) -> bytes:
+    """Parameters and optimizer state, serialised (tensors cannot outlive a spawned worker in its queue)."""
+    buf = io.BytesIO()
+    torch.save([p.detach().clone() for p in policy.gpt.parameters()] + _optimizer_state(policy), buf)
+    return buf.getvalue()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    x, y = (torch.load(io.BytesIO(v)) for v in (a, b))
+    return len(x) == len(y) and all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(x, y))
+
+
+BATCH = [1.0, -1.0, 0.5, -0.5]
+
+
+def _resume_case(rank: int, world: int, hf: str, ckpt: str, overrides: list[str]):
+    """Update, save, update (the uninterrupted run) vs load into a fresh policy, update (the resumed run)."""
+    policy = _policy(hf, overrides, rank, world)
+    policy.batch = _batch(BATCH)
     policy.compute_logprobs()
-    for _ in range(2):
-        policy.train_step()
-    policy.save_checkpoint(ckpt, {"step": 2})
     policy.train_step()
-    continued = [p.detach().clone() for p in policy.gpt.parameters()]
-    resumed = _policy(hf, ["parallel.tp=2"], rank, world)
+    saved = _snapshot(policy)
+    policy.save_checkpoint(ckpt, {"step": 1})
+    policy.train_step()
+    continued = _snapshot(policy)
+    resumed = _policy(hf, overrides, rank, world)
     extra = resumed.load_checkpoint(ckpt)
+    restored = _snapshot(resumed)
     resumed.batch = policy.batch
     resumed.compute_logprobs()
     resumed.train_step()
-    same = all(torch.equal(a, b) for a, b in zip(continued, resumed.gpt.parameters()))
-    return extra["step"], same, _response_logp(resumed, resumed.batch)
+    return {"step": extra["step"], "restored": _same(saved, restored), "resumed": _same(continued, _snapshot(resumed)),
+            "logp": _response_logp(resumed, resumed.batch), "saved": saved, "continued": continued}
 
 
-def _reshard_case(rank: int, world: int, hf: str, ckpt: str):
-    policy = _policy(hf, ["parallel.tp=1"], rank, world)
-    policy.load_checkpoint(ckpt)
-    policy.train_step  # noqa: B018 - the optimizer state loaded too (checked by load_state_dict)
-    return _response_logp(policy, _batch([1.0, -1.0, 0.5, -0.5]))
+RESUME_LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
 
 
-def test_checkpoint_resume_is_exact_and_reshards(tiny_qwen3, tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    results = spawn_gloo(2, _resume_case, str(tiny_qwen3), ckpt)
-    step, same, _ = results[0]
-    assert step == 2 and same, "model + optimizer + scheduler resume reproduces the next update exactly"
-    # The TP=2 checkpoint loads at TP=1: same function (up to reduction order).
-    tp2_logp = spawn_gloo(2, _load_and_logp, str(tiny_qwen3), ckpt, 2)[0]
-    (tp1_logp,) = spawn_gloo(1, _reshard_case, str(tiny_qwen3), ckpt)
-    assert tp1_logp == pytest.approx(tp2_logp, abs=1e-5)
+@pytest.fixture(scope="module")
+def resumed_runs(tiny_qwen3, tmp_path_factory) -> dict:
+    """bf16 resume cases, one 2-rank group per layout (their checkpoints feed the layout-change test)."""
+    root = tmp_path_factory.mktemp("resume")
+    runs = {}
+    for name, layout in RESUME_LAYOUTS.items():
+        ckpt = str(root / name)
+        runs[name] = (ckpt, spawn_gloo(2, _resume_case, str(tiny_qwen3), ckpt, ["model.dtype=bfloat16", *layout]))
+    return runs
 
 
-def _load_and_logp(rank: int, world: int, hf: str, ckpt: str, tp: int):
-    policy = _policy(hf, [f"parallel.tp={tp}"], rank, world)
-    policy.load_checkpoint(ckpt)
-    return _response_logp(policy, _batch([1.0, -1.0, 0.5, -0.5]))
+@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
+def test_resume_restores_optimizer_state_and_continues_bit_exactly(resumed_runs, layout):
+    _, results = resumed_runs[layout]
+    for rank, r in enumerate(results):
+        assert r["step"] == 1
+        assert r["restored"], f"rank {rank}: params + fp32 master weights + Adam moments restored exactly"
+        assert r["resumed"], f"rank {rank}: the update after the resume equals the uninterrupted one, bit for bit"
+
+
+def _reshard_case(rank: int, world: int, hf: str, src: str, dst: str | None, overrides: list[str]):
+    """Load a checkpoint written at another layout; optionally save it again at this one; then update."""
+    policy = _policy(hf, ["model.dtype=bfloat16", *overrides], rank, world)
+    policy.load_checkpoint(src)
+    restored = _snapshot(policy)
+    if dst:
+        policy.save_checkpoint(dst, {"step": 1})
+    policy.batch = _batch(BATCH)
+    policy.compute_logprobs()
+    policy.train_step()
+    return restored, _snapshot(policy), _response_logp(policy, policy.batch)
+
+
+def test_layout_change_keeps_the_state_exactly(resumed_runs, tiny_qwen3, tmp_path):
+    """TP=2 checkpoint -> PP=2 (continues within reduction-order tolerance; saved again) -> TP=2 again: the
+    optimizer state came through the other layout bit-exactly, so the next TP=2 update is the uninterrupted one."""
+    tp2_ckpt, tp2 = resumed_runs["tp2"]
+    via_pp2 = str(tmp_path / "via_pp2")
+    pp2 = spawn_gloo(2, _reshard_case, str(tiny_qwen3), tp2_ckpt, via_pp2, ["parallel.pp=2"])
+    last_stage = next(r for r in pp2 if r[2] is not None)
+    assert last_stage[2] == pytest.approx(tp2[0]["logp"], abs=2e-2), "bf16 update at PP=2 ~ the TP=2 one"
+    back = spawn_gloo(2, _reshard_case, str(tiny_qwen3), via_pp2, None, ["parallel.tp=2"])
+    for rank, (restored, after, _) in enumerate(back):
+        assert _same(restored, tp2[rank]["saved"]), f"rank {rank}: state after TP2 -> PP2 -> TP2 is the saved one"
+        assert _same(after, tp2[rank]["continued"]), f"rank {rank}: and the next update is the uninterrupted one"
+
+
+def _te_extra_state_case(rank: int, world: int, hf: str, ckpt: str):
+    """A local-spec model-only checkpoint (what tools/convert_hf_to_mcore.py writes) loaded into a model whose
+    attention carries `_extra_state`, as TransformerEngine's TEDotProductAttention does: a ShardedObject per layer
+    that the checkpoint lacks (Megatron's local linear layers store theirs, so they are not the issue)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from harmony_mcore.mcore import checkpoint
+    from harmony_mcore.mcore.convert import hf_to_mcore_worker
+
+    hf_to_mcore_worker(rank, world, hf, ckpt, 1, 1, None, 128)
+    plain = _policy(hf, [], rank, world)
+    applied = []
+    DotProductAttention.get_extra_state = lambda self: torch.tensor([7.0])
+    DotProductAttention.set_extra_state = lambda self, state: applied.append(state)
+    te_like = _policy(hf, [f"model.mcore_path={ckpt}", "grpo.kl_coef=0"], rank, world)  # weights from mcore_path
+    extra_keys = [k for k in te_like.gpt.state_dict() if k.endswith("core_attention._extra_state")]
+    same = all(torch.equal(a, b) for a, b in zip(plain.gpt.parameters(), te_like.gpt.parameters()))
+    try:
+        te_like.load_checkpoint(ckpt)  # a model-only checkpoint is no training checkpoint
+        refusal = None
+    except checkpoint.CheckpointError as e:
+        refusal = str(e)
+    return len(extra_keys), len(applied), same, refusal
+
+
+def test_local_spec_checkpoint_loads_into_te_style_layers(tiny_qwen3, tmp_path):
+    (n_extra, n_applied, same, refusal), = spawn_gloo(1, _te_extra_state_case, str(tiny_qwen3), str(tmp_path / "mc"))
+    assert n_extra > 0, "the layers really carry _extra_state"
+    assert n_applied == 0, "absent TE metadata is left at its defaults, not invented"
+    assert same, "every weight loaded"
+    assert refusal is not None and "no distributed-optimizer state" in refusal
+
+
+def _cuda_visible_case(rank: int, world: int, hf: str):
+    """A gloo group on a machine that has CUDA: Megatron stays on the CPU (CUDA availability faked)."""
+    from harmony_mcore.mcore import parallel
+
+    torch.cuda.is_available = lambda: True
+    policy = _policy(hf, ["parallel.tp=2"], rank, world)
+    return parallel.on_cuda(), torch.cuda.is_available(), next(policy.gpt.parameters()).device.type
+
+
+def test_gloo_group_keeps_megatron_on_cpu_where_cuda_exists(tiny_qwen3):
+    for on_cuda, cuda_seen, device in spawn_gloo(2, _cuda_visible_case, str(tiny_qwen3)):
+        assert (on_cuda, cuda_seen, device) == (False, False, "cpu")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = pytest.mark.stack  # vLLM engines in Ray
+
 ray = pytest.importorskip("ray")
 
 from harmony_mcore.records import REFRAME, SOLVER

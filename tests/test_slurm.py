@@ -24,7 +24,7 @@ import pytest
 
 from tests.slurm_cluster import FINISHED, SlurmCluster, SlurmUnavailable
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.stack]
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # per phase; generous for a loaded machine

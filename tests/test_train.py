@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = pytest.mark.stack  # vLLM engines in Ray
+
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("perf/", "sync_s", "update_s", "logprob_s")  # timings differ run to run
 

@@ -40,11 +40,9 @@ from harmony_mcore.rollout.transport import (
 )
 from harmony_mcore.rollout.worker_ext import WeightReceiver
 from harmony_mcore.weights import hf_dir
+from tests.conftest import needs_gpus
 from tests.dist_utils import run_gloo
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                    reason="needs two GPUs")
 
 
 # --- a small fake model: the HF groups of each pipeline stage --------------------------------------------
@@ -428,7 +426,7 @@ class RecordingExporter:
     """The CUDA IPC exporter's test double: a fake GPU per rank; records what lands in this rank's buffer."""
 
     def __init__(self, rank: int):
-        self.uuid, self.exports, self.buckets = f"GPU-fake-{rank}", 0, []
+        self.uuid, self.exports, self.buckets, self.collects = f"GPU-fake-{rank}", 0, [], 0
 
     def export(self, buf):
         self.exports += 1
@@ -438,7 +436,7 @@ class RecordingExporter:
         self.buckets.append([(n, to_plain(t)) for n, t in unpack(view, meta)])
 
     def collect(self):
-        pass
+        self.collects += 1
 
 
 class RecordingIpcEngine:
@@ -463,6 +461,9 @@ def _ipc_rank(rank: int, world: int, tp: int, pp: int, dp: int, bucket_bytes: in
         exporter.buckets, exporter.exports, engine.payloads = [], 0, []
         stats = sender.push(lambda: lockstep_groups(pp_rank, pp, tp_rank, tp, group, dst), [engine],
                             bucket_bytes)
+        collects = exporter.collects
+        sender.release()  # the engines finished the update: the last bucket goes now, not at the next push
+        stats |= {"freed": sender._buf is None and exporter.collects == collects + 1}
         syncs.append((exporter.buckets, exporter.exports, engine.payloads, stats))
     return syncs
 
@@ -483,6 +484,7 @@ def test_cuda_ipc_choreography_over_gloo(tp, pp, dp):
             assert [[n for n, _ in b] for b in buckets] == cuts
             assert_bit_exact({n: from_plain(t) for b in buckets for n, t in b}, want)
             assert exports == 2  # the 2 KiB embed bucket, then the 3 KiB head outgrows it
+            assert stats["freed"], "release() drops the buffer and collects the IPC blocks the engines let go"
             if rank == 0:
                 assert [p[1] for p in payloads] == cuts
                 assert all(p[0] == "cuda_ipc" and p[2] == uuids for p in payloads)
@@ -579,8 +581,7 @@ def _ipc_consumer(requests, replies) -> None:
     importer.close()
 
 
-@pytest.mark.gpu
-@needs_cuda
+@needs_gpus(1)
 def test_cuda_ipc_buckets_open_in_vllms_consumer():
     import torch.multiprocessing as mp
 
@@ -639,8 +640,7 @@ def _llm(path, receiver: EngineReceiver):
                **receiver.llm_kwargs())
 
 
-@pytest.mark.gpu
-@needs_cuda
+@needs_gpus(1)
 def test_cuda_ipc_sync_into_a_vllm_engine(tiny_qwen3):
     receiver = EngineReceiver("cuda_ipc")
     llm = _llm(tiny_qwen3, receiver)
@@ -722,8 +722,7 @@ class EngineProcess:
         self.pool.shutdown()
 
 
-@pytest.mark.gpu
-@needs_two_gpus
+@needs_gpus(2)
 def test_nccl_sync_into_a_vllm_engine_on_another_gpu(tiny_qwen3):
     """Needs harmony_mcore.rollout.worker_ext to register the "harmony_nccl" backend in the vLLM worker."""
     engine = EngineProcess(tiny_qwen3)

@@ -3,16 +3,48 @@
     python tools/convert_hf_to_mcore.py --hf DIR --out DIR [--tp N --pp M] [--dtype float32|bfloat16]
 
 Runs TP*PP local processes (gloo); each fills only its own shard. The output appears atomically.
+Exit status: 0 on success; 2 with a one-line message for bad input (an option out of range, an HF directory
+whose config or tensors cannot be used, a layout the model does not split into, an output that exists or
+cannot be written), checked before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
+
+from safetensors import SafetensorError
 
 from harmony_mcore.dist import spawn_gloo
 from harmony_mcore.mcore.convert import DEFAULT_VOCAB_MULTIPLE, hf_to_mcore_worker, preflight_hf_to_mcore
+from harmony_mcore.mcore.parallel import LayoutError
+
+# What preflight raises for bad input: ArchError, WeightMismatchError, LayoutError, JSON errors (ValueError); a
+# missing tensor or index field (KeyError); a missing directory or an existing output (OSError); a bad safetensors.
+INPUT_ERRORS = (ValueError, KeyError, OSError, SafetensorError)
+
+
+def option_problems(args: argparse.Namespace) -> list[str]:
+    problems = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+                for name in ("tp", "pp", "vocab_multiple") if getattr(args, name) < 1]
+    out = Path(args.out).absolute()
+    existing = next(p for p in out.parents if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        problems.append(f"--out {args.out}: cannot be created ({existing} is not a writable directory)")
+    return problems
+
+
+def refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def layout_message(err: LayoutError) -> str:
+    """The layout error in the tool's own option names."""
+    return str(err).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-multiple", type=int, default=DEFAULT_VOCAB_MULTIPLE,
                    help="pad the vocab to a multiple of this (TP-independent, so the checkpoint reshards)")
     args = p.parse_args(argv)
-    preflight_hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.vocab_multiple)
+    problems = option_problems(args)
+    if problems:
+        return refuse("; ".join(problems))
+    try:
+        preflight_hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.vocab_multiple)
+    except INPUT_ERRORS as err:
+        message = layout_message(err) if isinstance(err, LayoutError) else str(err)
+        return refuse(message if args.hf in message or args.out in message else f"--hf {args.hf}: {message}")
     start = time.perf_counter()
     spawn_gloo(args.tp * args.pp, hf_to_mcore_worker, args.hf, args.out, args.tp, args.pp, args.dtype,
                args.vocab_multiple)

@@ -4,16 +4,49 @@
 
 The result (config, tokenizer files, safetensors shards + index) loads in transformers and vLLM. With --tp/--pp
 the checkpoint is loaded sharded over TP*PP local processes and every pipeline stage writes its own files.
+Exit status: 0 on success; 2 with a one-line message for bad input (an option out of range, a directory that is
+no complete checkpoint, e.g. an unfinished `<dir>.partial`, a damaged harmony.json, a layout the model does not
+split into, an output that exists or cannot be written), checked before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
 from harmony_mcore.dist import spawn_gloo
+from harmony_mcore.fsutil import PARTIAL_SUFFIX
+from harmony_mcore.mcore.checkpoint import META_FILE, CheckpointError
 from harmony_mcore.mcore.convert import mcore_to_hf_worker, preflight_mcore_to_hf
+from harmony_mcore.mcore.parallel import LayoutError
+
+
+
+def option_problems(args: argparse.Namespace) -> list[str]:
+    problems = [f"--{name} must be >= 1, got {getattr(args, name)}" for name in ("tp", "pp") if getattr(args, name) < 1]
+    if not (math.isfinite(args.shard_gb) and args.shard_gb > 0):
+        problems.append(f"--shard-gb must be a finite number > 0, got {args.shard_gb}")
+    if Path(args.mcore).name.endswith(PARTIAL_SUFFIX):
+        problems.append(f"--mcore {args.mcore}: an unfinished write ({PARTIAL_SUFFIX}), not a complete checkpoint")
+    out = Path(args.out).absolute()
+    existing = next(p for p in out.parents if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        problems.append(f"--out {args.out}: cannot be created ({existing} is not a writable directory)")
+    return problems
+
+
+def refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def layout_message(err: LayoutError) -> str:
+    """The layout error in the tool's own option names."""
+    return str(err).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--shard-gb", type=float, default=2.0, help="max size of one safetensors file")
     args = p.parse_args(argv)
-    preflight_mcore_to_hf(args.mcore, args.out, args.tp, args.pp)
+    problems = option_problems(args)
+    if problems:
+        return refuse("; ".join(problems))
+    try:
+        preflight_mcore_to_hf(args.mcore, args.out, args.tp, args.pp)
+    except LayoutError as err:
+        return refuse(layout_message(err))
+    except (CheckpointError, OSError) as err:  # not a (complete) checkpoint; the output exists
+        return refuse(str(err))
+    except (ValueError, KeyError, TypeError) as err:  # fields of a damaged harmony.json
+        return refuse(f"{Path(args.mcore) / META_FILE} is damaged ({type(err).__name__}: {err})")
     start = time.perf_counter()
     spawn_gloo(args.tp * args.pp, mcore_to_hf_worker, args.mcore, args.out, args.tp, args.pp,
                int(args.shard_gb * 1024**3))

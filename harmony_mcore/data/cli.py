@@ -5,7 +5,8 @@
     synthetic  write the procedural arithmetic task of the CPU demo (warm.jsonl, test.jsonl)
                --output-dir data/synthetic --seed 0 --n-warm 2000 --n-test 200
 
-Exit status: 0 on success, 1 on a data error (message on stderr), 2 on a usage error.
+Exit status: 0 on success; 2 with a one-line message on stderr for bad input (a data error naming the file,
+row and field; a bad option value; an output that cannot be written) and for a usage error (argparse).
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except (DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as error:  # the output file or directory
+        output = getattr(args, "output", None) or getattr(args, "output_dir", None)
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(output) else ""
+        print(f"error: cannot write {output}: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

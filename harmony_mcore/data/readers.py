@@ -84,6 +84,9 @@ def _json_lines_rows(text: str) -> Iterable[RawRow]:
         except json.JSONDecodeError as error:
             yield RawRow(index, location, problem=f"invalid JSON: {error.msg} at column {error.colno}")
             continue
+        except ValueError as error:  # an integer longer than Python reads (4300 digits)
+            yield RawRow(index, location, problem=f"invalid JSON: {_too_long(error)}")
+            continue
         yield _object_row(index, location, value)
 
 
@@ -102,6 +105,8 @@ def _read_json(path: Path) -> RawTable:
         raise DataError(
             path, f"invalid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
         ) from error
+    except ValueError as error:
+        raise DataError(path, f"invalid JSON: {_too_long(error)}") from error
     return _table(path, (_object_row(i, f"row {i + 1}", value) for i, value in enumerate(values)))
 
 
@@ -161,6 +166,13 @@ def _load_json_file(path: Path) -> object:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise DataError(path, f"invalid JSON: {error.msg} at line {error.lineno}") from error
+    except ValueError as error:
+        raise DataError(path, f"invalid JSON: {_too_long(error)}") from error
+
+
+def _too_long(error: ValueError) -> str:
+    """What json.loads' int() refusal of a huge number means to a user (its own text suggests a Python call)."""
+    return f"a number too long to read ({str(error).split(':')[0]})"
 
 
 def _string_list(value: object, path: Path, what: str) -> list[str]:

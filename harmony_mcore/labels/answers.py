@@ -38,6 +38,9 @@ T = TypeVar("T")
 ANSWER_TYPES: tuple[AnswerType, ...] = get_args(AnswerType)
 
 _CACHE_SIZE = 1 << 16
+# Longer answers are unparseable (""): bounds the time and memory of normalisation, caches and clustering.
+# Real final answers (numbers, expressions, intervals, matrices) are far shorter.
+MAX_ANSWER_CHARS = 4096
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -137,15 +140,15 @@ _UNIT_TEXT = re.compile(
 )
 _UNIT_WORD = re.compile(
     r"^(?P<value>-?\d[\d,]*(?:\.\d+)?)\s+"
-    r"(?!(?:pi|sqrt|ln|log|exp|sin|cos|tan|cot|sec|csc)\b)[A-Za-z]{2,}[A-Za-z .]*$"
+    r"(?!(?:pi|sqrt|ln|log|exp|sin|cos|tan|cot|sec|csc)\b)[A-Za-z]{2}[A-Za-z .]*$"  # {2}, not {2,}: linear
 )
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _DECIMAL = re.compile(r"^-?\d+\.\d*$")
 _INTEGER = re.compile(r"^-?\d+$")
+_LEADING_ZEROS = re.compile(r"^(-?)0+(?=\d)")
 _COMMAND_SPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 
 
-@functools.lru_cache(maxsize=_CACHE_SIZE)
 def normalize_math(answer: str) -> str:
     """Cheap, meaning-preserving rewrites of a maths answer, applied before any equivalence test.
 
@@ -155,7 +158,18 @@ def normalize_math(answer: str) -> str:
     drop a trailing unit (`5\\text{ cm}^2`, `12 dollars`, but not `2 pi`); drop whitespace except between a
     command and a letter (`\\pi r`); unwrap outer braces; drop trailing full stops; `.5` -> `0.5`;
     `1{,}000` / `1,000` -> `1000`; `5.0` -> `5`, `0.50` -> `0.5`, `007` -> `7`.
+
+    Any input is answered in time and memory linear in its length, and never raises: an answer longer than
+    MAX_ANSWER_CHARS is unparseable, i.e. "" like a response without an answer (this also bounds the memory
+    of the caches here and of every later step).
     """
+    if len(answer) > MAX_ANSWER_CHARS:
+        return ""
+    return _normalize_math(answer)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _normalize_math(answer: str) -> str:
     s = answer.strip().strip("$").strip()
     s = _SPACING.sub(" ", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -168,17 +182,36 @@ def normalize_math(answer: str) -> str:
             s = match.group("value")
     s = _COMMAND_SPACE.sub(lambda m: m.group(1) + "\0", s)
     s = re.sub(r"\s+", "", s).replace("\0", " ")
-    while s.startswith("{") and _braced(s) == s[1:-1]:
-        s = s[1:-1]
+    s = _unwrap_braces(s)
     s = s.rstrip(".").replace("{,}", ",")
     s = re.sub(r"^(-?)\.(?=\d)", r"\g<1>0.", s)
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     if _DECIMAL.match(s):
         s = s.rstrip("0").rstrip(".")
-    if _INTEGER.match(s):
-        s = str(int(s))
+    if _INTEGER.match(s):  # by string, not int(): Python refuses int() of over 4300 digits
+        s = _LEADING_ZEROS.sub(r"\1", s)
+        s = "0" if s == "-0" else s
     return s
+
+
+def _unwrap_braces(s: str) -> str:
+    """s without the brace groups that wrap all of it (`{{5}}` -> `5`; `{1}{2}` stays), in one pass.
+
+    Braces are matched as `_braced` matches them (nesting, escaped braces skipped)."""
+    if not s.startswith("{"):
+        return s
+    opens: list[int] = []
+    close_of: dict[int, int] = {}
+    for token in _BRACE_TOKEN.finditer(s):
+        if token.group() == "{":
+            opens.append(token.start())
+        elif token.group() == "}" and opens:
+            close_of[opens.pop()] = token.start()
+    first, last = 0, len(s) - 1
+    while first < last and s[first] == "{" and close_of.get(first) == last:
+        first, last = first + 1, last - 1
+    return s[first : last + 1]
 
 
 def normalize_answer(answer: str, answer_type: AnswerType, letters: str = "ABCDEFGHIJ") -> str:

@@ -10,8 +10,10 @@ File formats: `harmony_mcore.labels.io`. Prints the label diagnostics (one `name
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from harmony_mcore.labels.answers import ANSWER_TYPES
 from harmony_mcore.labels.config import STRATEGIES, LabelConfig
@@ -65,7 +67,14 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def _fail(kind: str, err: Exception) -> int:
+def _writable(path: str) -> bool:
+    """A file can be created (or replaced) at path: its directory exists and is writable, it is no directory."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    return not target.is_dir() and parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
+def _fail(kind: str, err: Exception | str) -> int:
     print(f"harmony-mcore label: {kind}: {err}", file=sys.stderr)
     return 2
 
@@ -85,12 +94,17 @@ def run_label(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return _fail("bad option", err)
+    if not _writable(args.output):
+        return _fail("bad option", f"--output {args.output}: cannot write there")
     try:
         samples = read_samples(args.input, cfg.views, args.answer_type)
         labels = label_batch(samples, cfg)  # ValueError: inconsistent questions (answer types, ground truths)
     except (ValueError, OSError) as err:
         return _fail("bad input", err)
-    write_labels(args.output, labels)
+    try:
+        write_labels(args.output, labels)
+    except OSError as err:
+        return _fail("cannot write", f"--output {args.output}: {err.strerror or err}")
     print(
         f"labelled {len(labels.questions)} questions from {len(samples)} samples with {labels.strategy} "
         f"-> {args.output}"

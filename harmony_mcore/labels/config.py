@@ -2,8 +2,9 @@
 
 Plain dataclasses whose field types OmegaConf structured configs accept (the lead composes them into the root
 config tree as `labels`, `rewards` and `collapse`). Defaults are the published Self-Harmony settings, except
-where a docstring says otherwise. `__post_init__` validates values with errors naming the field; OmegaConf
-runs it when the tree is turned into objects (`OmegaConf.to_object`).
+where a docstring says otherwise. `__post_init__` validates every value in the project's one validation style
+(`harmony_mcore.checks.require`: ConfigError "key: message", a ValueError); OmegaConf runs it when the tree
+is turned into objects (`OmegaConf.to_object`), and the `label` CLI when it builds a LabelConfig.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from harmony_mcore.checks import is_finite, require
 from harmony_mcore.records import REFRAME, SOLVER
 
 Strategy = Literal[
@@ -22,9 +24,20 @@ RewardKind = Literal["match", "soft_rank", "score"]
 CollapseAction = Literal["warn", "stop", "rollback"]
 
 
-def _check(ok: bool, key: str, requirement: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{key} must {requirement}, got {value!r}")
+def _at_least(value: float | None, low: float, key: str, *, optional: bool = False) -> None:
+    """value is a finite number >= low (or None when optional)."""
+    if optional and value is None:
+        return
+    require(is_finite(value) and value >= low, key, f"must be >= {low:g}{' (or null)' if optional else ''}, "
+            f"got {value!r}")
+
+
+def _fraction(value: float | None, key: str, *, optional: bool = False) -> None:
+    """value is in [0, 1] (or None when optional)."""
+    if optional and value is None:
+        return
+    require(is_finite(value) and 0 <= value <= 1, key, f"must be in [0, 1]{' (or null)' if optional else ''}, "
+            f"got {value!r}")
 
 
 @dataclass
@@ -69,49 +82,49 @@ class LabelConfig:
     def __post_init__(self) -> None:
         for key in ("strategy", "warmup_strategy"):
             value = getattr(self, key)
-            _check(
+            require(
                 value in STRATEGIES or (key == "warmup_strategy" and value is None),
                 f"labels.{key}",
-                f"be one of {', '.join(STRATEGIES)}",
-                value,
+                f"must be one of {', '.join(STRATEGIES)}, got {value!r}",
             )
-        _check(
-            len(self.views) >= 2 and len(set(self.views)) == len(self.views),
+        views = list(self.views)
+        require(
+            len(views) >= 2 and len(set(views)) == len(views),
             "labels.views",
-            "name at least two distinct views",
-            list(self.views),
+            f"must name at least two distinct views, got {views!r}",
         )
-        _check(
-            len(self.view_weights) == len(self.views) and all(w > 0 for w in self.view_weights),
+        weights = list(self.view_weights)
+        require(
+            len(weights) == len(views) and all(is_finite(w) and w > 0 for w in weights),
             "labels.view_weights",
-            f"hold one positive weight per view ({len(self.views)})",
-            list(self.view_weights),
+            f"must hold one positive weight per view ({len(views)}), got {weights!r}",
         )
         for strategy in (self.strategy, self.warmup_strategy):
-            _check(
-                strategy not in TWO_VIEW_STRATEGIES or len(self.views) == 2,
+            require(
+                strategy not in TWO_VIEW_STRATEGIES or len(views) == 2,
                 "labels.views",
-                f"name exactly two views for strategy {strategy!r}",
-                list(self.views),
+                f"must name exactly two views for strategy {strategy!r}, got {views!r}",
             )
-        _check(self.lam >= 0, "labels.lam", "be >= 0", self.lam)
-        _check(0 < self.prior_pi < 1, "labels.prior_pi", "be in (0, 1)", self.prior_pi)
-        _check(
-            self.majority_view in self.views,
-            "labels.majority_view",
-            f"be one of {list(self.views)}",
-            self.majority_view,
+        _at_least(self.lam, 0, "labels.lam")
+        require(
+            is_finite(self.prior_pi) and 0 < self.prior_pi < 1,
+            "labels.prior_pi",
+            f"must be in (0, 1), got {self.prior_pi!r}",
         )
-        _check(self.smoothing >= 0, "labels.smoothing", "be >= 0", self.smoothing)
-        _check(self.warmup_steps >= 0, "labels.warmup_steps", "be >= 0", self.warmup_steps)
-        _check(
+        require(
+            self.majority_view in views,
+            "labels.majority_view",
+            f"must be one of {views}, got {self.majority_view!r}",
+        )
+        _at_least(self.smoothing, 0, "labels.smoothing")
+        _at_least(self.warmup_steps, 0, "labels.warmup_steps")
+        require(
             len(self.choice_letters) > 0 and self.choice_letters.isalpha() and self.choice_letters.isupper(),
             "labels.choice_letters",
-            "be upper-case letters",
-            self.choice_letters,
+            f"must be upper-case letters, got {self.choice_letters!r}",
         )
-        _check(self.verify_timeout_s >= 1, "labels.verify_timeout_s", "be >= 1", self.verify_timeout_s)
-        _check(self.verify_max_chars >= 1, "labels.verify_max_chars", "be >= 1", self.verify_max_chars)
+        _at_least(self.verify_timeout_s, 1, "labels.verify_timeout_s")
+        _at_least(self.verify_max_chars, 1, "labels.verify_max_chars")
 
     def strategy_at(self, step: int) -> str:
         """The selector of training step `step` (0-based): the warm-up one during the first warmup_steps."""
@@ -141,15 +154,14 @@ class RewardConfig:
     sharpness_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.kind in get_args(RewardKind),
             "rewards.kind",
-            f"be one of {', '.join(get_args(RewardKind))}",
-            self.kind,
+            f"must be one of {', '.join(get_args(RewardKind))}, got {self.kind!r}",
         )
-        _check(self.soft_rank_top >= 1, "rewards.soft_rank_top", "be >= 1", self.soft_rank_top)
-        _check(self.format_penalty >= 0, "rewards.format_penalty", "be >= 0", self.format_penalty)
-        _check(self.sharpness_coef >= 0, "rewards.sharpness_coef", "be >= 0", self.sharpness_coef)
+        _at_least(self.soft_rank_top, 1, "rewards.soft_rank_top")
+        _at_least(self.format_penalty, 0, "rewards.format_penalty")
+        _at_least(self.sharpness_coef, 0, "rewards.sharpness_coef")
 
 
 @dataclass
@@ -174,29 +186,13 @@ class CollapseConfig:
     min_step: int = 0
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.action in get_args(CollapseAction),
             "collapse.action",
-            f"be one of {', '.join(get_args(CollapseAction))}",
-            self.action,
+            f"must be one of {', '.join(get_args(CollapseAction))}, got {self.action!r}",
         )
-        _check(
-            self.min_entropy is None or self.min_entropy >= 0,
-            "collapse.min_entropy",
-            "be >= 0",
-            self.min_entropy,
-        )
-        _check(
-            self.max_accuracy_drop is None or 0 <= self.max_accuracy_drop <= 1,
-            "collapse.max_accuracy_drop",
-            "be in [0, 1]",
-            self.max_accuracy_drop,
-        )
-        _check(
-            self.max_empty_share is None or 0 <= self.max_empty_share <= 1,
-            "collapse.max_empty_share",
-            "be in [0, 1]",
-            self.max_empty_share,
-        )
-        _check(self.patience >= 1, "collapse.patience", "be >= 1", self.patience)
-        _check(self.min_step >= 0, "collapse.min_step", "be >= 0", self.min_step)
+        _at_least(self.min_entropy, 0, "collapse.min_entropy", optional=True)
+        _fraction(self.max_accuracy_drop, "collapse.max_accuracy_drop", optional=True)
+        _fraction(self.max_empty_share, "collapse.max_empty_share", optional=True)
+        _at_least(self.patience, 1, "collapse.patience")
+        _at_least(self.min_step, 0, "collapse.min_step")

@@ -70,26 +70,48 @@ def _sample(row: Any, views: Sequence[str], default_type: AnswerType) -> AnswerS
     )
 
 
+# Python refuses int() of longer digit strings; such a JSON number is kept as its digits (an answer that long is
+# unparseable for the labeller, not an unreadable file).
+_MAX_INT_DIGITS = 4300
+
+
+def _json_int(digits: str) -> int | str:
+    return int(digits) if len(digits.lstrip("-")) <= _MAX_INT_DIGITS else digits
+
+
 def read_samples(
     path: Path | str, views: Sequence[str], default_type: AnswerType = "math"
 ) -> list[AnswerSample]:
-    """The samples of a JSON-lines file. Raises DataError naming the file, the line and the field at fault.
+    """The samples of a JSON-lines file. Raises DataError naming the file, the line and the field at fault,
+    or the file alone when it cannot be read or holds no sample.
 
     A row needs `response` unless it has an `answer` key (an explicit null answer is a sample without one).
     """
     samples = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    try:
+        lines = open(path, "rb")  # decoded line by line, so that a bad byte is reported with its line
+    except OSError as err:
+        raise DataError(path, f"cannot read file: {err.strerror or err}") from None
+    with lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    path, f"not valid UTF-8 text ({err.reason} at byte {err.start} of the line)", row=f"line {number}"
+                ) from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_int=_json_int)
             except json.JSONDecodeError as err:
                 raise DataError(path, f"not valid JSON ({err.msg})", row=f"line {number}") from None
             try:
                 samples.append(_sample(row, views, default_type))
             except RowError as err:
                 raise DataError.from_row_error(path, f"line {number}", err) from None
+    if not samples:
+        raise DataError(path, "holds no samples (the file is empty)")
     return samples
 
 

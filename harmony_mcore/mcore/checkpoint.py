@@ -7,6 +7,19 @@ optimizer/scheduler/RNG/data state to the same `dist/` and `harmony.json`):
     <dir>/dist/          Megatron dist_checkpointing directory (layer-stacked, TP/PP-independent keys): the weights
                          under "model"; training checkpoints add "optimizer", "scheduler" and "rng".
 All ranks write into `<dir>.partial`; rank 0 renames it to `<dir>` after every rank finished.
+
+Sharded state dicts are built as Megatron-LM 0.16's own training loop builds them
+(megatron/training/checkpointing.py): ONE metadata dict (`sharded_metadata`) goes to the model's and to the
+optimizer's `sharded_state_dict`, is stored in the checkpoint as its `content_metadata` (less the process group),
+and is read back (`content_metadata`) before the state dict to load into is built, so a load always asks for what
+was saved. The DistributedOptimizer state is written in Megatron's `fully_reshardable` format: the Adam moments and
+fp32 master weights in model-parameter space, so a run resumes at another TP, PP or DP. The price, Megatron's: the
+state of each model-parallel shard is gathered (over the gloo DP group) on its DP rank 0 at save time, and every
+rank allocates that whole shard's state in host memory while loading (12 bytes per parameter / (TP * PP)).
+
+Loads tolerate exactly one kind of absence: TransformerEngine's per-layer `_extra_state` (FP8 scaling metadata),
+which a local-spec checkpoint (tools/convert_hf_to_mcore.py writes those) does not hold; TE layers then keep their
+defaults. Any other entry the model or optimizer needs and the checkpoint lacks is an error naming it.
 """
 
 from __future__ import annotations
@@ -24,6 +37,9 @@ from harmony_mcore.weights.arch import ArchSpec
 
 FORMAT_VERSION = 1
 META_FILE = "harmony.json"
+OPTIMIZER_FORMAT = "fully_reshardable"  # Megatron's DistributedOptimizer checkpoint format (see above)
+RESHARDABLE_FORMATS = ("fully_reshardable",)  # formats that load at another TP/PP
+OPTIONAL_SUFFIX = "._extra_state"  # TransformerEngine layer metadata: may be absent from a checkpoint
 
 
 class CheckpointError(ValueError):
@@ -63,9 +79,49 @@ def check_compatible(meta: CheckpointMeta, arch: ArchSpec, padded_vocab: int, wh
         raise CheckpointError(f"{where}: checkpoint does not match the model: " + "; ".join(diffs))
 
 
+def sharded_metadata(optimizer_format: str = OPTIMIZER_FORMAT) -> dict[str, Any]:
+    """The metadata every `sharded_state_dict` call of one save or load receives, model and optimizer alike
+    (after parallel state is initialised)."""
+    from megatron.core import parallel_state as ps
+
+    return {"distrib_optim_sharding_type": optimizer_format,
+            # Megatron's gloo gather to DP rank 0: one host copy of the optimizer state per model-parallel shard
+            "distrib_optim_fully_reshardable_mem_efficient": True,
+            "singleton_local_shards": False, "chained_optim_avoid_prefix": True,
+            "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+
+
+def content_metadata(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """The sharded-state metadata a checkpoint was written with (None: written before it was recorded)."""
+    from megatron.core import dist_checkpointing
+
+    dist_dir = Path(ckpt_dir) / "dist"
+    if not dist_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint (no dist/ directory)")
+    return dist_checkpointing.load_content_metadata(str(dist_dir))
+
+
+def resume_metadata(ckpt_dir: str | Path, same_layout: bool) -> dict[str, Any]:
+    """The metadata to build the training state to load from `ckpt_dir` with: the one it was saved with.
+    Refuses a checkpoint without optimizer metadata, and a TP/PP change for a format that cannot reshard."""
+    saved = content_metadata(ckpt_dir)
+    if not saved or "distrib_optim_sharding_type" not in saved:
+        raise CheckpointError(f"{ckpt_dir}: no distributed-optimizer state recorded (a model-only checkpoint, or "
+                              "one written by an older version): start from it with model.mcore_path instead")
+    fmt = saved["distrib_optim_sharding_type"]
+    if not same_layout and fmt not in RESHARDABLE_FORMATS:
+        raise CheckpointError(f"{ckpt_dir}: optimizer state in format {fmt!r} only loads at the TP/PP it was "
+                              f"written at (reshardable: {', '.join(RESHARDABLE_FORMATS)})")
+    return sharded_metadata(fmt) | {k: v for k, v in saved.items() if k in _RECORDED}
+
+
+_RECORDED = ("distrib_optim_sharding_type", "singleton_local_shards", "chained_optim_avoid_prefix")
+
+
 def save(ckpt_dir: str | Path, sharded_state_dict: dict, meta: CheckpointMeta, *, hf_meta_src: str | Path | None,
-         overwrite: bool = False) -> Path:
-    """Collective: every rank passes its sharded state dict; the directory appears complete or not at all."""
+         overwrite: bool = False, metadata: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank passes its sharded state dict (built with `metadata`, stored as the checkpoint's
+    content metadata); the directory appears complete or not at all."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
@@ -84,7 +140,8 @@ def save(ckpt_dir: str | Path, sharded_state_dict: dict, meta: CheckpointMeta, *
         if rank0:
             (tmp / "dist").mkdir()
         dist.barrier()
-        dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"))
+        recorded = {k: v for k, v in (metadata or {}).items() if k in _RECORDED}
+        dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"), content_metadata=recorded or None)
         if rank0:
             if hf_meta_src is not None:
                 hf_dir.copy_metadata(hf_meta_src, tmp / "hf")
@@ -101,20 +158,38 @@ def save(ckpt_dir: str | Path, sharded_state_dict: dict, meta: CheckpointMeta, *
 
 
 def load(ckpt_dir: str | Path, sharded_state_dict: dict) -> dict:
-    """Load into the given sharded state dict (any TP/PP: Megatron reshards)."""
+    """Load into the given sharded state dict (any TP/PP: Megatron reshards). Entries the state dict asks for
+    and the checkpoint lacks are refused by name, except TransformerEngine `_extra_state` (module docstring)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     dist_dir = Path(ckpt_dir) / "dist"
     if not dist_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint (no dist/ directory)")
-    return dist_checkpointing.load(sharded_state_dict, str(dist_dir))
+    # "unexpected" in Megatron's terms: requested here, absent from the checkpoint (dropped from the load)
+    loaded, _, absent = dist_checkpointing.load(sharded_state_dict, str(dist_dir), strict=StrictHandling.RETURN_ALL)
+    needed = sorted(k for k in absent if not k.endswith(OPTIONAL_SUFFIX))
+    if needed:
+        raise CheckpointError(f"{ckpt_dir}: checkpoint lacks {len(needed)} entries this model needs, e.g. "
+                              + ", ".join(needed[:3]))
+    return loaded
+
+
+def load_model_state(model, state: dict, where: str | Path) -> None:
+    """`model.load_state_dict` of a loaded "model" entry, allowing only TE `_extra_state` to be absent."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(OPTIONAL_SUFFIX.lstrip("."))]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{where}: model state does not match the model: missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
 
 
 def save_model(ckpt_dir: str | Path, model, meta: CheckpointMeta, *, hf_meta_src: str | Path | None,
                overwrite: bool = False) -> Path:
     """A model-only checkpoint: the weights under "model", as in training checkpoints."""
-    return save(ckpt_dir, {"model": model.sharded_state_dict()}, meta, hf_meta_src=hf_meta_src,
-                overwrite=overwrite)
+    metadata = sharded_metadata()
+    return save(ckpt_dir, {"model": model.sharded_state_dict(metadata=metadata)}, meta, hf_meta_src=hf_meta_src,
+                overwrite=overwrite, metadata={k: v for k, v in metadata.items() if k != "distrib_optim_sharding_type"})
 
 
 def load_model(ckpt_dir: str | Path, model, arch: ArchSpec, padded_vocab: int) -> CheckpointMeta:
@@ -122,6 +197,6 @@ def load_model(ckpt_dir: str | Path, model, arch: ArchSpec, padded_vocab: int) -
     architecture."""
     meta = read_meta(ckpt_dir)
     check_compatible(meta, arch, padded_vocab, str(ckpt_dir))
-    state = load(ckpt_dir, {"model": model.sharded_state_dict()})
-    model.load_state_dict(state["model"])
+    state = load(ckpt_dir, {"model": model.sharded_state_dict(metadata=sharded_metadata())})
+    load_model_state(model, state["model"], ckpt_dir)
     return meta

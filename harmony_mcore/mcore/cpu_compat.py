@@ -1,8 +1,10 @@
 """Megatron-Core on a machine without CUDA.
 
-Megatron-Core 0.16 assumes CUDA in a handful of places. `apply()` patches exactly those, once, and only when
-`torch.cuda.is_available()` is False; on a GPU machine it does nothing. Every patch says why it exists. Megatron's
-own layers, schedules, DDP and optimizer then run unchanged on CPU tensors with a gloo process group.
+Megatron-Core 0.16 assumes CUDA in a handful of places. `apply()` patches exactly those, once, in a process whose
+Megatron runs on the CPU: one with a gloo process group (harmony_mcore.mcore.parallel.init_parallel decides), on a
+machine without CUDA or, for the CPU test tier, on one with GPUs (which that process then does not see). Every
+patch says why it exists. Megatron's own layers, schedules, DDP and DistributedOptimizer then run unchanged on CPU
+tensors with gloo (torch 2.13's gloo has the reduce-scatter and all-gather-into-tensor they need: nothing to shim).
 
 The TorchFunctionMode part is per thread (PyTorch keeps the mode stack thread-locally): call `apply()` in the
 thread that runs Megatron (Ray's synchronous actors run every method on one thread).
@@ -66,12 +68,13 @@ def _seed_cpu_generator(seed: int) -> None:
 
 
 def apply() -> bool:
-    """Install the CPU patches (idempotent). Returns True when they are active."""
+    """Install the CPU patches in this process (idempotent). Returns True."""
     global _patched
-    if torch.cuda.is_available():
-        return False
     with _lock:
         if not _patched:
+            # Megatron branches on is_available() (streams, events, memory stats, device placement): a process
+            # running Megatron on the CPU hides the GPUs of the machine from it, rather than half-using them.
+            torch.cuda.is_available = lambda: False
             # Device placement: rotary embeddings, p2p shape buffers, attention masks call current_device().
             torch.cuda.current_device = lambda: torch.device("cpu")
             # The pipeline schedule and p2p communication synchronise the (absent) CUDA stream.

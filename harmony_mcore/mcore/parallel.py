@@ -66,16 +66,21 @@ def init_parallel(tp: int, pp: int, *, seed: int = 1234, cpu: bool = False, time
     """Join the process group described by the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK) if not
     joined yet, then build Megatron's TP/PP/DP groups and seed its RNG tracker.
 
-    cpu=True keeps Megatron on the CPU with gloo even where CUDA exists (checkpoint conversion does this).
+    Where Megatron runs follows the process group: NCCL means one GPU per rank, gloo means the CPU, even on a
+    machine with GPUs (the CPU test tier there; a group joined by the caller, e.g. harmony_mcore.dist.spawn_gloo,
+    decides). A new group is NCCL when CUDA is available and cpu=False (checkpoint conversion passes cpu=True).
     """
     global _on_cuda
     from megatron.core import parallel_state, tensor_parallel
 
     from harmony_mcore.mcore import cpu_compat
 
-    use_cuda = torch.cuda.is_available() and not cpu
+    if dist.is_initialized():
+        use_cuda = dist.get_backend() == "nccl"
+    else:
+        use_cuda = torch.cuda.is_available() and not cpu
     _on_cuda = use_cuda
-    if not torch.cuda.is_available():
+    if not use_cuda:
         cpu_compat.apply()
     if not dist.is_initialized():
         if use_cuda:
@@ -93,8 +98,9 @@ def init_parallel(tp: int, pp: int, *, seed: int = 1234, cpu: bool = False, time
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        # The extra gloo groups only serve CPU-side collectives next to NCCL; on CPU every group is gloo already.
-        create_gloo_process_groups=use_cuda,
+        # gloo twins of the DP groups carry CPU-side collectives (pseudo-label counts, the optimizer-state
+        # gather of a checkpoint) on GPU and CPU alike; on CPU they duplicate groups that are gloo already.
+        create_gloo_process_groups=True,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

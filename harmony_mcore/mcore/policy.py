@@ -24,7 +24,7 @@ from harmony_mcore.config import Config
 from harmony_mcore.labels.batch import AnswerSample
 from harmony_mcore.labels.reduce import label_batch
 from harmony_mcore.labels.rewards import compute_rewards
-from harmony_mcore.mcore import checkpoint, parallel
+from harmony_mcore.mcore import checkpoint, optimizer, parallel
 from harmony_mcore.mcore.forward import causal_mask
 from harmony_mcore.mcore.hf_weights import iter_hf_groups, load_hf_weights
 from harmony_mcore.mcore.model import build_gpt
@@ -39,11 +39,13 @@ PAD_MULTIPLE = 16  # micro-batches are right-padded to a multiple of this many t
 
 @dataclass(frozen=True)
 class TrainSequence:
-    """One sample as Megatron trains on it. tokens = prompt + response; advantage is per sequence."""
+    """One sample as Megatron trains on it. tokens = prompt + response; advantage is per sequence;
+    rollout_logprobs: the engine's log-prob of each response token when it sampled them (empty: unknown)."""
 
     tokens: tuple[int, ...]
     prompt_len: int
     advantage: float
+    rollout_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Policy:
                              init_weights=False)
         self._load_initial_weights()
         self.ref = self._frozen_copy() if cfg.grpo.kl_coef > 0 else None
-        self._build_optimizer(total_steps * cfg.grpo.updates_per_step)
+        self.model, self.optimizer, self.scheduler = optimizer.build(self.gpt, cfg,
+                                                                     total_steps * cfg.grpo.updates_per_step)
         self.batch: list[TrainSequence] = []
         self.old_logp: list[torch.Tensor] = []  # per micro-batch (b, S), last pipeline stage only
         self.ref_logp: list[torch.Tensor] = []
@@ -101,40 +104,6 @@ class Policy:
         ref.requires_grad_(False)
         return ref.eval()
 
-    def _build_optimizer(self, total_updates: int) -> None:
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        o, on_gpu = self.cfg.optim, parallel.on_cuda()
-        config = self.gpt.config
-        self.model = DistributedDataParallel(
-            config=config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=on_gpu),
-            module=self.gpt,
-        )
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                            clip_grad=o.grad_clip, bf16=self.cfg.model.dtype == "bfloat16",
-                            params_dtype=config.params_dtype, use_distributed_optimizer=on_gpu),
-            [self.model], use_gloo_process_groups=on_gpu,
-        )
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = self.optimizer.scale_loss
-        config.no_sync_func = self.model.no_sync
-        warmup = int(o.warmup_ratio * total_updates)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
-            lr_decay_steps=max(total_updates, warmup + 1), lr_decay_style=o.decay, start_wd=o.weight_decay,
-            end_wd=o.weight_decay, wd_incr_steps=max(total_updates, 1), wd_incr_style="constant",
-        )
-
     def ping(self) -> dict[str, int]:
         return parallel.ranks()
 
@@ -144,16 +113,14 @@ class Policy:
         """Pseudo-labels over the whole batch (counts all-reduced across DP ranks), rewards and per-(question,
         view) GRPO advantages of this DP rank's rollouts; keeps the sequences to train on."""
         samples = [AnswerSample.from_rollout(r, questions[r.qid]) for r in rollouts]
-        group = self.ps.get_data_parallel_group(with_context_parallel=False)
-        if parallel.on_cuda():
-            group = self.ps.get_data_parallel_group_gloo(with_context_parallel=False)
+        group = self.ps.get_data_parallel_group_gloo(with_context_parallel=False)  # labels are CPU work
         labels = label_batch(samples, self.cfg.labels, step, group)
         rewards = compute_rewards(samples, labels, self.cfg.rewards)
         groups = [(r.qid, r.view) for r in rollouts]
         g = self.cfg.grpo
         advantages = grpo.group_advantages(rewards, groups, std_normalize=g.adv_norm == "grpo")
         dropped = grpo.zero_variance_groups(rewards, groups) if g.dynamic_sampling else set()
-        self.batch = [TrainSequence(r.prompt_ids + r.response_ids, len(r.prompt_ids), a)
+        self.batch = [TrainSequence(r.prompt_ids + r.response_ids, len(r.prompt_ids), a, r.logprobs)
                       for r, a, key in zip(rollouts, advantages, groups) if key not in dropped]
         return ScoreReport(rewards, advantages, {q: labels.label(q) for q in labels.questions},
                            dict(labels.diagnostics), len(self.batch))
@@ -164,7 +131,8 @@ class Policy:
         """Sequences (default: this rank's batch) as padded micro-batches.
 
         tokens (b, S); targets (b, S) = tokens shifted left (position t predicts token t+1); loss_mask (b, S) 1
-        where the target is a response token; advantages (b, 1).
+        where the target is a response token; advantages (b, 1); rollout_logp (b, S) the engine's log-prob of
+        each target response token, rollout_mask (b, S) 1 where that is known.
         """
         dev, mbs = parallel.device(), self.cfg.parallel.micro_batch_size
         everything = self.batch if seqs is None else seqs
@@ -174,13 +142,19 @@ class Policy:
             S = -(-max(len(s.tokens) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
             tokens = torch.zeros(len(seqs), S, dtype=torch.long)
             loss_mask = torch.zeros(len(seqs), S)
+            rollout_logp, rollout_mask = torch.zeros(len(seqs), S), torch.zeros(len(seqs), S)
             for i, s in enumerate(seqs):
                 tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
                 loss_mask[i, s.prompt_len - 1:len(s.tokens) - 1] = 1.0
+                if s.rollout_logprobs:
+                    span = slice(s.prompt_len - 1, s.prompt_len - 1 + len(s.rollout_logprobs))
+                    rollout_logp[i, span] = torch.tensor(s.rollout_logprobs)
+                    rollout_mask[i, span] = 1.0
             targets = torch.roll(tokens, -1, dims=1)
             advantages = torch.tensor([[s.advantage] for s in seqs])
             out.append({k: v.to(dev) for k, v in dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
-                                                      advantages=advantages).items()})
+                                                      advantages=advantages, rollout_logp=rollout_logp,
+                                                      rollout_mask=rollout_mask).items()})
         return out
 
     def _token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
@@ -242,14 +216,18 @@ class Policy:
         results = self._run_schedule(model, batches, collect, forward_only=True)
         return [r["logp"] for r in results] if self.ps.is_pipeline_last_stage() else []
 
+    def response_logprobs(self, seqs: list[TrainSequence]) -> list[list[float]]:
+        """The current policy's log-prob of each response token of each sequence (last pipeline stage; []
+        elsewhere)."""
+        per_batch = self._logprobs_of(self.model, self._micro_batches(seqs))
+        rows = [row for logp in per_batch for row in logp]
+        return [row[s.prompt_len - 1:len(s.tokens) - 1].float().tolist() for s, row in zip(seqs, rows)]
+
     def rollout_logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         """Megatron's log-probs of each rollout's response tokens (last pipeline stage; [] elsewhere): the
         trainer-side view of what vLLM reported as `Rollout.logprobs`."""
-        seqs = [TrainSequence(r.prompt_ids + r.response_ids, len(r.prompt_ids), 0.0) for r in rollouts]
-        per_batch = self._logprobs_of(self.model, self._micro_batches(seqs))
-        rows = [row for logp in per_batch for row in logp]
-        return [row[len(r.prompt_ids) - 1:len(r.prompt_ids) - 1 + len(r.response_ids)].tolist()
-                for r, row in zip(rollouts, rows)]
+        return self.response_logprobs([TrainSequence(r.prompt_ids + r.response_ids, len(r.prompt_ids), 0.0)
+                                       for r in rollouts])
 
     def compute_logprobs(self) -> dict[str, float]:
         """Reference log-probs (KL term) and, when the batch is used for more than one update, old-policy
@@ -264,12 +242,18 @@ class Policy:
     # --- the update ----------------------------------------------------------------------------------------
 
     def _grpo_loss(self, logits, mb, old_logp, ref_logp):
-        """GRPO loss of one micro-batch as (sum, count, metric sums); Megatron divides by the global count."""
+        """GRPO loss of one micro-batch as (sum, count, metric sums); Megatron divides by the global count.
+        The train/rollout mismatch compares the engine's log-probs with the old policy's, i.e. the weights the
+        engine sampled with (formulas in harmony_mcore.rl.grpo)."""
         g = self.cfg.grpo
         logp, entropy = self._token_logprobs(logits, mb["targets"], with_entropy=True)
         old = old_logp if old_logp is not None else logp.detach()
         pg, clipped = grpo.policy_loss(logp, old, mb["advantages"], clip_low=g.clip_low, clip_high=g.clip_high,
                                        dual_clip=g.dual_clip)
+        known = mb["rollout_mask"]
+        if g.tis_cap is not None:
+            weight = grpo.truncated_is_weight(old, mb["rollout_logp"], g.tis_cap)
+            pg = pg * torch.where(known > 0, weight, torch.ones_like(weight))
         per_token = pg
         kl = grpo.kl_penalty(logp, ref_logp, g.kl_type) if ref_logp is not None else torch.zeros_like(logp)
         if ref_logp is not None:
@@ -282,6 +266,8 @@ class Policy:
                 for name, value in (("pg", pg), ("kl", kl), ("entropy", entropy), ("clipfrac", clipped),
                                     ("nll", -logp))}
         sums["count"] = count.detach()
+        mismatch = grpo.rollout_mismatch(old, mb["rollout_logp"], mask * known)
+        sums |= {f"mismatch_{k}": v for k, v in mismatch.items()}
         return loss_sum, count.to(torch.int), {k: v.clone() for k, v in sums.items()}
 
     def train_step(self) -> dict[str, float]:
@@ -331,11 +317,21 @@ class Policy:
         """Global means of the loss terms (sum over micro-batches and DP ranks / global count), last stage."""
         if not self.ps.is_pipeline_last_stage():
             return {}
-        keys = ("pg", "kl", "entropy", "clipfrac", "nll", "count")
-        sums = torch.stack([sum(r[k] for r in results) for k in keys]).float()
-        dist.all_reduce(sums, group=self.ps.get_data_parallel_group())
-        count = max(float(sums[-1]), 1.0)
-        return {f"loss/{k}": float(v) / count for k, v in zip(keys[:-1], sums[:-1])} | {"tokens": float(sums[-1])}
+        keys = ("pg", "kl", "entropy", "clipfrac", "nll", "count", "mismatch_abs_sum", "mismatch_ratio_sum",
+                "mismatch_count")
+        sums = dict(zip(keys, torch.stack([sum(r[k] for r in results) for k in keys]).double()))
+        worst = torch.stack([r["mismatch_abs_max"] for r in results]).max().double()
+        group = self.ps.get_data_parallel_group()
+        packed = torch.stack(list(sums.values()))
+        dist.all_reduce(packed, group=group)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+        sums = dict(zip(keys, packed.tolist()))
+        count, known = max(sums["count"], 1.0), sums["mismatch_count"]
+        metrics = {f"loss/{k}": sums[k] / count for k in keys[:5]} | {"tokens": sums["count"]}
+        if known:  # rollouts carry the engine's log-probs (not in direct Policy use)
+            metrics |= {"mismatch/abs_mean": sums["mismatch_abs_sum"] / known, "mismatch/abs_max": float(worst),
+                        "mismatch/ratio_mean": sums["mismatch_ratio_sum"] / known}
+        return metrics
 
     # --- weight sync ---------------------------------------------------------------------------------------
 
@@ -359,6 +355,14 @@ class Policy:
     def connect_weights(self, kind: str, world_size: int) -> None:
         self._weight_sender(kind).connect(world_size)
 
+    def release_memory(self) -> None:
+        """Hand GPU memory back before colocated engines re-allocate theirs: the weight sender's last buffer (CUDA
+        IPC, once the engines released it) and the allocator's cached blocks (activations of the update)."""
+        if self._sender is not None:
+            self._sender.release()
+        if parallel.on_cuda():
+            torch.cuda.empty_cache()
+
     def disconnect_weights(self) -> None:
         if self._sender is not None:
             self._sender.disconnect()
@@ -375,35 +379,44 @@ class Policy:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
-    def _train_state(self, is_loading: bool) -> dict[str, Any]:
+    def _train_state(self, metadata: dict[str, Any], is_loading: bool) -> dict[str, Any]:
+        """Model, optimizer, scheduler and RNG as one sharded state dict, built with the checkpoint metadata
+        (harmony_mcore.mcore.checkpoint) that both the model's and the optimizer's sharded_state_dict receive."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        model_sd = self.gpt.sharded_state_dict()  # unwrapped: DDP would prefix the local keys with "module."
         ps = self.ps
+        if is_loading:
+            optimizer.prepare_load(self.optimizer)
+        model_sd = self.gpt.sharded_state_dict(metadata=metadata)  # unwrapped: DDP would prefix "module."
         rng = ShardedObject("rng_state", {"torch": torch.get_rng_state()},
                             (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
                             (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
                             replica_id=ps.get_data_parallel_rank())
-        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
                 "scheduler": self.scheduler.state_dict(), "rng": rng}
 
     def save_checkpoint(self, path: str, extra: dict[str, Any]) -> None:
         meta = checkpoint.CheckpointMeta(self.arch, self.padded_vocab, self.cfg.model.dtype,
                                          extra | {"tp": self.cfg.parallel.tp, "pp": self.cfg.parallel.pp})
-        hf_src = (self.cfg.model.hf_path or os.path.join(self.cfg.model.mcore_path, "hf"))
-        checkpoint.save(path, self._train_state(is_loading=False), meta, hf_meta_src=hf_src)
+        metadata = checkpoint.sharded_metadata()
+        checkpoint.save(path, self._train_state(metadata, is_loading=False), meta,
+                        hf_meta_src=self.cfg.model.hf_dir(), metadata=metadata)
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); returns the driver state."""
+        """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); returns the driver state.
+        Any TP/PP/DP layout loads (the optimizer state is stored fully reshardable)."""
         meta = checkpoint.read_meta(path)
         checkpoint.check_compatible(meta, self.arch, self.padded_vocab, path)
-        state = self._train_state(is_loading=True)
         same_layout = (meta.extra.get("tp"), meta.extra.get("pp")) == (self.cfg.parallel.tp, self.cfg.parallel.pp)
+        state = self._train_state(checkpoint.resume_metadata(path, same_layout), is_loading=True)
         if not same_layout:
             state.pop("rng")  # per-(pp, tp) RNG states do not map onto another layout
         loaded = checkpoint.load(path, state)
-        self.gpt.load_state_dict(loaded["model"])
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        checkpoint.load_model_state(self.gpt, loaded["model"], path)
+        with torch.no_grad():  # fp32 master weights are views of the (leaf) model parameters
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.finish_load(self.optimizer)
         self.scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             torch.set_rng_state(loaded["rng"]["torch"])
@@ -413,8 +426,7 @@ class Policy:
         """The current policy as an HF directory (same table and writer as tools/convert_mcore_to_hf.py)."""
         from harmony_mcore.mcore.convert import write_hf_dir
 
-        write_hf_dir(self.gpt, self.arch, self.cfg.model.dtype, out,
-                     hf_meta_src=self.cfg.model.hf_path or os.path.join(self.cfg.model.mcore_path, "hf"))
+        write_hf_dir(self.gpt, self.arch, self.cfg.model.dtype, out, hf_meta_src=self.cfg.model.hf_dir())
 
     def close(self) -> None:
         if self._sender is not None:

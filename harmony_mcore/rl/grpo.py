@@ -6,7 +6,13 @@ against reframe), so a group is a (question id, view) pair. Notation per respons
     pg_t = max(-A_i r_t, -A_i clip(r_t, 1 - eps_low, 1 + eps_high))          clipped surrogate (PPO)
     dual clip (c > 1, Ye et al. 2020): for A_i < 0, pg_t = min(pg_t, -c A_i)
     KL k1: logp_t - ref_t;  k3 (Schulman's low-variance estimator): exp(ref_t - logp_t) - (ref_t - logp_t) - 1
-    loss_t = pg_t + beta * kl_t - alpha * entropy_t
+    loss_t = w_t * pg_t + beta * kl_t - alpha * entropy_t
+    w_t = min(exp(old_logp_t - rollout_logp_t), C)   truncated importance sampling (grpo.tis_cap = C), else 1
+TIS (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training") corrects for the
+inference engine sampling from a slightly different distribution than the trainer computes (bf16 kernels, another
+TP layout): rollout_logp_t is the engine's log-prob of the sampled token, old_logp_t the trainer's (detached)
+log-prob under the weights that were synced into the engine; the weight is detached and capped (default C = 2 in
+the published recipe; off here unless set). Not in the Self-Harmony paper: an opt-in deviation.
 Aggregation: token_mean sums loss_t over every response token of the global batch and divides by their count;
 seq_mean averages each sequence over its tokens, then averages sequences.
 """
@@ -91,3 +97,26 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str) -> tuple[t
         seq = (per_token * mask).sum(-1) / tokens.clamp(min=1)
         return seq[has_tokens].sum(), has_tokens.sum().to(per_token.dtype)
     raise ValueError(f"grpo.loss_agg: {mode!r} (expected token_mean or seq_mean)")
+
+
+def truncated_is_weight(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(exp(old_logp_t - rollout_logp_t), cap), detached (a weight on the loss, not a path for
+    gradients). old_logp, rollout_logp: (B, T)."""
+    return torch.clamp(torch.exp(old_logp.detach() - rollout_logp), max=cap)
+
+
+def rollout_mismatch(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the trainer's log-probs of the sampled tokens are from the engine's, over the masked tokens:
+    sums (divide by `count` after summing over micro-batches and ranks) and a max.
+
+        abs_sum   = sum_t |logp_t - rollout_logp_t|          (mean |delta log-prob| once divided)
+        ratio_sum = sum_t exp(logp_t - rollout_logp_t)       (mean per-token probability ratio p_trainer/p_rollout)
+        abs_max   = max_t |logp_t - rollout_logp_t|
+    logp, rollout_logp, mask: (B, T). The first sign of a wrong weight sync or layout on a cluster.
+    """
+    mask = mask.to(logp.dtype)
+    delta = (logp.detach() - rollout_logp) * mask
+    abs_delta = delta.abs()
+    return {"abs_sum": abs_delta.sum(), "ratio_sum": (torch.exp(delta) * mask).sum(),
+            "abs_max": abs_delta.max() if abs_delta.numel() else torch.zeros((), dtype=logp.dtype),
+            "count": mask.sum()}

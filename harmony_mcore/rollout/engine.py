@@ -73,7 +73,12 @@ def _plain_cpu_gemm(layout: str) -> bool:
 
 
 class RolloutEngine:
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, settings: EngineSettings, cuda_visible_devices: str | None = None):
+        """cuda_visible_devices: the GPUs of this engine's workers when Ray cannot express them (a colocated
+        engine spanning engine_tp > 1 policy GPUs, harmony_mcore.cluster.engine_placements); set before vLLM
+        starts its worker processes, which inherit it."""
+        if cuda_visible_devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         from vllm import LLM
 
         from harmony_mcore.weights.arch import ArchSpec
@@ -113,6 +118,7 @@ class RolloutEngine:
         self._pending_version: int | None = None
         self.version = 0
         self.asleep = False
+        self.weights_valid = True  # False between a level-2 sleep and the next complete sync
 
     def ping(self) -> int:
         return os.getpid()
@@ -131,8 +137,8 @@ class RolloutEngine:
         """All requests (both views, many questions) in one batched vLLM call; n samples each."""
         from vllm import SamplingParams
 
-        if self.asleep:
-            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        if self.asleep or not self.weights_valid:
+            raise RuntimeError("generate() on a sleeping engine, or before its weights were synced after a sleep")
         params = [SamplingParams(n=r.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_tokens, logprobs=0, seed=r.seed) for r in requests]
         outputs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], params,
@@ -215,7 +221,9 @@ class RolloutEngine:
             what = f"missing {missing[0]!r} ({len(missing)} missing)" if missing else f"{twice[0]!r} sent twice"
             raise WeightSyncError(f"weight update {self._pending_version} incomplete: {what}")
         self.version = int(self._pending_version)
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.weights_valid = True
+        if not self.asleep:
+            self.llm.reset_prefix_cache()  # cached KV was computed with the old weights (a sleep dropped it)
         if self._learning_placement():  # this complete sync went through the recorded loaders
             workers = self.llm.collective_rpc("harmony_direct_target")
             reasons = [w["unsupported"] for w in workers if "unsupported" in w]
@@ -229,15 +237,25 @@ class RolloutEngine:
     def weight_sum(self, vllm_param_name: str) -> float:
         return self.llm.collective_rpc("harmony_weight_sum", args=(vllm_param_name,))[0]
 
-    # --- memory (colocated GPU engines release the KV cache while Megatron trains) -------------------------
+    # --- memory (colocated GPU engines give their GPU memory to Megatron while it trains) -------------------
 
     def sleep(self) -> None:
-        """Release weights/KV-cache memory (GPU). vLLM's CPU backend does not support sleep: a no-op there."""
+        """Release every byte of GPU memory: vLLM's level-2 sleep discards the weights (the next sync overwrites
+        them anyway, so copying them to host and back as level 1 does is wasted) and the KV cache. vLLM's CPU
+        backend has no sleep mode: a no-op there."""
         if self.settings.enable_sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
-        self.asleep = self.settings.enable_sleep_mode
+            self.llm.sleep(level=2)
+            self.asleep, self.weights_valid = True, False
+
+    def wake_weights(self) -> None:
+        """Re-allocate the weights only, for the sync to fill; the KV cache stays released until `wake_up`."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
 
     def wake_up(self) -> None:
+        """Re-allocate the KV cache; scheduling resumes. Call after the sync that followed `wake_weights`."""
         if self.asleep:
-            self.llm.wake_up()
-        self.asleep = False
+            if not self.weights_valid:
+                raise RuntimeError("wake_up() after a level-2 sleep needs a weight sync first (wake_weights, sync)")
+            self.llm.wake_up(tags=["kv_cache", "scheduling"])
+            self.asleep = False

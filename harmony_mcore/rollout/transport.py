@@ -348,6 +348,9 @@ class WeightSender(ABC):
         part, {} on the others.
         """
 
+    def release(self) -> None:
+        """Free what a finished update no longer needs (CUDA IPC: the last bucket); a no-op for the others."""
+
     def close(self) -> None:
         self.disconnect()
 
@@ -658,7 +661,7 @@ class CudaIpcSender(WeightSender):
             for stage, src in enumerate(self._stage_src):
                 sent += self._push_stage(stage, src, groups_fn, engines, max_bytes)
         finally:
-            self._buf = None  # freed once the engines release it (their finish_weight_update)
+            self._buf = None  # its block stays mapped by the engines until they finish; release() collects it
         return {"sync_bytes": float(sent), "sync_s": time.perf_counter() - start}
 
     def _push_stage(self, stage: int, src: int, groups_fn: GroupsFn, engines: list, max_bytes: int) -> int:
@@ -721,6 +724,13 @@ class CudaIpcSender(WeightSender):
         if status:
             raise TransportError(f"cuda_ipc weight push failed: {status}")
         return total if self.layout.rank == src else 0
+
+    def release(self) -> None:
+        """After the engines finished the update (and closed their mappings): free the last bucket now, not at
+        the next push."""
+        self._buf = None
+        if self._exporter is not None:
+            self._exporter.collect()
 
     def close(self) -> None:
         self._buf = None
