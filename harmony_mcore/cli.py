@@ -27,16 +27,20 @@ def _train(argv: Sequence[str]) -> int:
     from harmony_mcore.data.errors import DataError
     from harmony_mcore.mcore.checkpoint import CheckpointError
     from harmony_mcore.mcore.parallel import LayoutError
+    from harmony_mcore.cluster import WeightSyncFailed
     from harmony_mcore.train import ResumeError, StopRun
 
     try:
         cfg = load_config(args.config, args.overrides)
-        return train(cfg, resume=args.resume)
+        return train(cfg, resume=args.resume)  # 0 done, 75 stopped by a signal with a checkpoint, 130 at once
     except (ConfigError, DataError, LayoutError, CheckpointError, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StopRun as e:
         print(f"stopped: {e}", file=sys.stderr)
+        return 1
+    except WeightSyncFailed as e:  # a fault the trainer could not recover from; the message says what to do
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
 

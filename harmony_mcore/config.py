@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harmony_mcore.checks import ConfigError, is_finite
@@ -43,6 +43,7 @@ class ModelConfig:
     preset: str = ""
     dtype: Literal["float32", "bfloat16"] = "float32"
     layer_spec: Literal["auto", "te", "local"] = "auto"
+    attention: Literal["sdpa", "unfused"] = "sdpa"  # local spec's core attention: torch SDPA, or Megatron's own
     vocab_multiple: int = 128
     recompute: bool = False
 
@@ -53,12 +54,19 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Megatron layout: world = tp * pp * dp policy ranks. micro_batch_size sequences per pipeline micro-batch."""
+    """Megatron layout: world = tp * pp * dp policy ranks.
+
+    micro_batching: tokens (default) packs each rank's sequences, longest first, into micro-batches of at most
+    max_tokens_per_micro_batch padded tokens (0: micro_batch_size x (rollout.max_prompt_tokens +
+    rollout.max_response_tokens), the fixed layout's worst case) and balances the ranks' token loads
+    (harmony_mcore.batching); fixed cuts micro_batch_size sequences in arrival order."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     micro_batch_size: int = 8
+    micro_batching: Literal["tokens", "fixed"] = "tokens"
+    max_tokens_per_micro_batch: int = 0  # tokens layout; 0: micro_batch_size x (max prompt + response) tokens
     threads_per_rank: int = 1  # torch threads of each CPU rank (several ranks share few cores)
 
 
@@ -178,7 +186,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    """console: "all" shows every process's output (Ray forwards the actors'); "ours" shows our progress and
+    results only, the actors' output going to <run_dir>/logs/<actor>.log (harmony_mcore.console)."""
+
     run_dir: str = "runs/default"
+    console: Literal["all", "ours"] = "all"
     tensorboard: bool = True
     wandb_project: str = ""
     progress: bool = True
@@ -219,13 +231,19 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """YAML file (optional) + `key.sub=value` overrides -> validated Config."""
+    """YAML file (optional, with the files it extends: `config_layers`) + `key.sub=value` overrides ->
+    validated Config. Precedence, lowest first: the defaults here, the bases (farthest first), the file, the
+    overrides."""
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"{path}: config file not found")
-            merged = OmegaConf.merge(merged, _load_yaml(Path(path)))
+            for layer, node in config_layers(path):
+                try:
+                    merged = OmegaConf.merge(merged, node)
+                except OmegaConfBaseException as e:
+                    if layer == Path(path):
+                        raise
+                    raise ConfigError(f"{layer} (base of {path}): {_omegaconf_message(e)}") from None
         bad = [o for o in overrides if "=" not in o or not o.partition("=")[0].strip()]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
@@ -239,6 +257,41 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(str(e)) from None
     validate(cfg)
     return cfg
+
+
+BASE_KEY = "base"
+
+
+def config_layers(path: str | Path) -> list[tuple[Path, DictConfig]]:
+    """The YAML file and the files it extends, the farthest base first, each without its `base:` key.
+
+    A file extends another with a top-level `base: <path>` (relative to the file's own directory). The
+    result is the base with the file's keys merged over it (mappings key by key; values and lists replaced),
+    exactly what one file holding the merged content would give. Bases chain; a cycle, a missing base or a
+    `base:` that is not a path is refused with the files named."""
+    layers: list[tuple[Path, DictConfig]] = []
+    current = Path(path)
+    while True:
+        if not current.is_file():
+            raise ConfigError(f"{current}: config file not found"
+                              + (f" (the base of {layers[-1][0]})" if layers else ""))
+        if any(current.resolve() == seen.resolve() for seen, _ in layers):
+            loop = " -> ".join(str(p) for p in [*(seen for seen, _ in layers), current])
+            raise ConfigError(f"{path}: the `{BASE_KEY}:` chain loops: {loop}")
+        node = _load_yaml(current)
+        base = node.pop(BASE_KEY, None)
+        layers.append((current, node))
+        if base is None:
+            return layers[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{current}: {BASE_KEY}: must be the path of the YAML config this file extends "
+                              f"(relative to {current.parent}), got {base!r}")
+        current = current.parent / base
+
+
+def resolve_yaml(path: str | Path) -> DictConfig:
+    """The file's content merged over its bases (`config_layers`), as one mapping with no `base:` key."""
+    return OmegaConf.merge(*(node for _, node in config_layers(path)))
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -291,6 +344,7 @@ def validate(cfg: Config) -> None:
     _require(bool(m.hf_path or m.mcore_path or m.preset), "model.hf_path",
              "set model.hf_path (or model.mcore_path / model.preset)")
     _require(m.vocab_multiple >= 1, "model.vocab_multiple", f"must be >= 1, got {m.vocab_multiple}")
+    _require(p.max_tokens_per_micro_batch >= 0, "parallel.max_tokens_per_micro_batch", "must be >= 0 (0: automatic)")
     for key in ("tp", "pp", "dp", "micro_batch_size", "threads_per_rank"):
         _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     for key in ("engines", "engine_tp", "n_per_view", "max_prompt_tokens", "max_response_tokens", "sync_bucket_mb"):
@@ -340,8 +394,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
     _require(bool(cfg.logging.run_dir.strip()), "logging.run_dir", "must name a directory")
     _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, "ray.num_cpus", "must be >= 1 (or null)")
-    if r.placement == "colocated" and r.transport == "nccl":
-        raise ConfigError("rollout.transport: nccl broadcast is for disaggregated engines; colocated uses cuda_ipc")
+    from harmony_mcore.runtime import transport_for
+
+    transport_for(r.transport, on_gpu=True, colocated=r.placement == "colocated")  # the placement rules; the
+    # GPU rule waits for the resources (harmony_mcore.runtime.decide)
     found = _readable_arch(m)
     if found is not None:
         _check_layout(cfg, *found)

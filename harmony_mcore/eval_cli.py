@@ -49,10 +49,11 @@ from harmony_mcore.data import DataError, LoadResult, read_questions
 from harmony_mcore.data.cli import MAX_REPORTED_SKIPS
 from harmony_mcore.evaluate import QuestionResult, score_questions, summarize
 from harmony_mcore.labels.config import LabelConfig
-from harmony_mcore.fsutil import PARTIAL_SUFFIX
+from harmony_mcore.fsutil import PARTIAL_SUFFIX, atomic_file
 from harmony_mcore.mcore.checkpoint import META_FILE, CheckpointError, read_meta
 from harmony_mcore.mcore.parallel import LayoutError
 from harmony_mcore.records import SOLVER, Question, Rollout
+from harmony_mcore.runtime import Runtime, local_gpus, standalone
 from harmony_mcore.rollout.engine import GenerationRequest
 
 if TYPE_CHECKING:
@@ -252,24 +253,20 @@ def engine_model_dir(model: Path, kind: ModelKind) -> Iterator[Path]:
         yield export_mcore(model, Path(tmp) / "hf")
 
 
-def memory_share(requested: float | None) -> float:
+def memory_share(requested: float | None, runtime: Runtime) -> float:
     if requested is not None:
         return requested
-    import torch
-
-    return GPU_MEMORY_SHARE if torch.cuda.is_available() else CPU_MEMORY_SHARE
+    return GPU_MEMORY_SHARE if runtime.on_gpu else CPU_MEMORY_SHARE
 
 
-def start_engine(hf_dir: Path, max_model_len: int, args: argparse.Namespace) -> RolloutEngine:
+def start_engine(hf_dir: Path, max_model_len: int, args: argparse.Namespace, runtime: Runtime) -> RolloutEngine:
     """One in-process RolloutEngine (its EngineCore runs in a vLLM subprocess)."""
-    import torch
-
     from harmony_mcore.rollout.engine import EngineSettings, RolloutEngine
 
     return RolloutEngine(EngineSettings(
         hf_dir=str(hf_dir), dtype=args.dtype, max_model_len=max_model_len, tensor_parallel_size=args.tp,
-        gpu_memory_utilization=memory_share(args.gpu_memory_utilization),
-        enforce_eager=not torch.cuda.is_available(), seed=args.seed))
+        gpu_memory_utilization=memory_share(args.gpu_memory_utilization, runtime),
+        enforce_eager=not runtime.on_gpu, seed=args.seed, runtime=runtime))
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -323,12 +320,13 @@ def question_records(questions: Sequence[Question], results: Sequence[QuestionRe
     return records
 
 
-def settings_record(args: argparse.Namespace, kind: ModelKind) -> dict[str, Any]:
+def settings_record(args: argparse.Namespace, kind: ModelKind, runtime: Runtime) -> dict[str, Any]:
     return {"model": str(args.model.resolve()), "model_kind": kind,
             "data": [str(p.resolve()) for p in args.data], "k": args.k, "temperature": args.temperature,
             "top_p": args.top_p, "max_tokens": args.max_tokens, "max_prompt_tokens": args.max_prompt_tokens,
             "prompt_style": args.prompt_style, "seed": args.seed, "dtype": args.dtype, "tp": args.tp,
-            "gpu_memory_utilization": memory_share(args.gpu_memory_utilization), "eval_step": EVAL_STEP}
+            "gpu_memory_utilization": memory_share(args.gpu_memory_utilization, runtime), "eval_step": EVAL_STEP,
+            "device": runtime.device}
 
 
 def build_report(settings: dict[str, Any], metrics: dict[str, float], rows: Sequence[BenchmarkRow],
@@ -357,16 +355,9 @@ def check_writable(path: Path) -> Path:
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
     """Write atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+        f.write("\n")
     return path
 
 
@@ -394,7 +385,7 @@ def _elapsed(timing: dict[str, float], key: str, start: float) -> float:
     return now
 
 
-def sample(questions: Sequence[Question], args: argparse.Namespace, kind: ModelKind,
+def sample(questions: Sequence[Question], args: argparse.Namespace, kind: ModelKind, runtime: Runtime,
            timing: dict[str, float]) -> list[Rollout]:
     """k solver samples per question from the model (exported first if a checkpoint); times each phase."""
     from harmony_mcore.rollout.engine import SamplingSettings
@@ -405,7 +396,7 @@ def sample(questions: Sequence[Question], args: argparse.Namespace, kind: ModelK
     t = _elapsed(timing, "tokenize", t)
     with engine_model_dir(args.model, kind) as hf_dir:
         t = _elapsed(timing, "export", t)
-        engine = start_engine(hf_dir, max_model_len, args)
+        engine = start_engine(hf_dir, max_model_len, args, runtime)
         t = _elapsed(timing, "engine_start", t)
         sampling = SamplingSettings(args.temperature, args.top_p, args.max_tokens)
         try:
@@ -431,7 +422,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if not questions:
         raise EvalInputError("no question with a ground-truth answer: nothing to evaluate")
     _elapsed(timing, "load", t)
-    rollouts = sample(questions, args, kind, timing)
+    runtime = standalone(local_gpus())  # one engine, weights from disk
+    rollouts = sample(questions, args, kind, runtime, timing)
     t = time.perf_counter()
     results = score_questions(questions, rollouts, LabelConfig())
     metrics = summarize(results, PREFIX)
@@ -440,7 +432,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
               "unlabelled": len(bench.questions) - len(questions), "evaluated": len(questions),
               "samples": len(rollouts), "response_tokens": sum(len(r.response_ids) for r in rollouts),
               "truncated_samples": sum(r.truncated for r in rollouts)}
-    report = build_report(settings_record(args, kind), metrics, benchmark_rows(metrics),
+    report = build_report(settings_record(args, kind, runtime), metrics, benchmark_rows(metrics),
                           question_records(questions, results, rollouts, args.save_samples), counts, timing)
     write_json(report, out)
     return report

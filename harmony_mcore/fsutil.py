@@ -1,13 +1,16 @@
-"""Atomic directory writes: build under `<final>.partial`, then rename. A reader never sees a half-written
-directory, and a crash leaves only a `.partial` sibling that readers ignore and the next writer removes."""
+"""Atomic writes. Directories: built under `<final>.partial`, then renamed; a reader never sees a half-written
+directory, and a crash leaves only a `.partial` sibling that readers ignore and the next writer removes. Files:
+`atomic_file`, a temporary sibling renamed over the target."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -70,3 +73,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[TextIO]:
+    """A text file (UTF-8) that appears at `path` complete, or not at all: written to a temporary file beside it
+    and renamed over it on success; removed on failure."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

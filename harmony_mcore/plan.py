@@ -1,7 +1,8 @@
 """`harmony-mcore plan`: does a run config fit a GPU cluster? Layout checks, exact parameter counts, memory.
 
     harmony-mcore plan --config configs/recipes/qwen3_8b_base_math500_1x8.yaml --nodes 1 --gpus-per-node 8
-    python -m harmony_mcore.plan --config X --nodes 2 --gpus-per-node 8 [--gpu-mem-gib 80] [key=value ...]
+    python -m harmony_mcore.plan --config X --nodes 2 --gpus-per-node 8 [--gpu-mem-gib 80] [--show-config] \
+        [key=value ...]
 
 Exit status: 0 it fits, 1 it does not, 2 a config or layout error; the reason is printed in every case.
 Nothing is allocated and no GPU is needed: the 8B+ runs are simulated on any machine.
@@ -10,8 +11,9 @@ Layout rules (`layout_problems`): nodes x gpus-per-node must equal the TP x PP x
 vLLM engines are colocated (and rollout.engines x rollout.engine_tp must equal them too: one engine shard per
 GPU), or TP x PP x DP + engines x engine_tp when they are disaggregated. TP divides the attention heads,
 the query groups, the FFN width and the padded vocab; PP divides the layers; engine_tp divides the heads,
-the query groups and the padded vocab; the micro-batch size divides the sequences of one update on one DP
-rank, and a pipeline gets at least PP micro-batches per update; prompt + response fit the model's positions.
+the query groups and the padded vocab; with fixed micro-batches, the micro-batch size divides the sequences of
+one update on one DP rank and a pipeline gets at least PP micro-batches per update (token-budget micro-batches
+are split to at least PP); prompt + response fit the model's positions.
 
 Parameters are counted, not estimated: the real GPTModel of every (tp_rank, pp_rank) is built by
 `harmony_mcore.mcore.model.build_gpt` (the training builder) on the meta device, in one process that takes
@@ -21,9 +23,10 @@ the same parameters (it fuses the norm weights into the following linear layers)
 
 Memory model, bytes per GPU. P_r: parameters on rank r (its stage's layers, its TP shard, the padded vocab
 rows it holds and, with PP > 1 and tied embeddings, the last stage's trained copy of the embedding).
-w: bytes per weight (2 bf16, 4 float32). s = rollout.max_prompt_tokens + rollout.max_response_tokens
-(sequences are padded to it); b = parallel.micro_batch_size; t = TP; h hidden, F ffn, a heads, g query
-groups, d head_dim, V padded vocab, L_r layers of the stage.
+w: bytes per weight (2 bf16, 4 float32). s = rollout.max_prompt_tokens + rollout.max_response_tokens (the
+longest sequence); T = the padded tokens of the largest micro-batch: parallel.max_tokens_per_micro_batch with
+token-budget micro-batches (default micro_batch_size x s), s x micro_batch_size with fixed ones; t = TP; h hidden,
+F ffn, a heads, g query groups, d head_dim, V padded vocab, L_r layers of the stage.
 
 Training state, resident all run (Megatron DDP + distributed optimizer):
     weights    = w * P_r
@@ -33,20 +36,23 @@ Training state, resident all run (Megatron DDP + distributed optimizer):
     overhead   = 2 GiB                          CUDA context, NCCL communicators, allocator slack
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", no
 sequence parallelism), per layer and micro-batch, generalised to GQA, q/k norms and SwiGLU:
-    layer = s*b*(10h + [2d(2a + 2g') + 2d(a + g)*qk_norm + 6F] / t) + 5*a*s^2*b/t * unfused
+    layer = T*(10h + [2d(2a + 2g') + 2d(a + g)*qk_norm + 6F] / t) + 5*a*s*T/t * unfused
       10h       inputs of the two norms, the QKV and the first MLP linear, two dropout masks (replicated
                 over TP; the masks are counted although dropout is 0: a conservative estimate)
-      2d(2a+2g') Q, K, V and the attention output; g' = g with fused (flash) attention, g' = a with
-                Megatron's local attention, which expands K and V to every head before the score matmul
+      2d(2a+2g') Q, K, V and the attention output; g' = g with TransformerEngine's attention, g' = a with torch
+                SDPA (model.attention=sdpa, the local spec's default; its kernels may expand K/V for GQA) and
+                with Megatron's unfused attention, which expands K and V to every head
       2d(a+g)   the inputs of Qwen3's q/k norms
       6F        SwiGLU: gate and up outputs (4F) and its output (2F); the paper's GeLU MLP stores 4F = 16h
-      5as^2b    scores, softmax output and its dropout, only without flash attention (layer_spec=local)
-    stage = n_r * (L_r * layer + [first stage] 2sbh + [last stage] (4sbh + 6*s*b*V/t))
-      embedding output; final-norm and output-layer inputs, logits in bf16 and fp32 (log-softmax)
+      5as^2b    scores, softmax output and its dropout (T/s sequences of s^2), only with model.attention=unfused
+    stage = n_r * (L_r * layer + [first stage] 2Th + [last stage] (4Th + 2w*T*V/t + 3c))
+      embedding output; final-norm and output-layer inputs; the logits and, during the log-prob path's
+      backward, their gradient (both in the parameters' dtype) and three fp32 chunks of c = min(256 MiB,
+      4*T*V/t / 8) bytes (harmony_mcore.mcore.logprobs)
       n_r = min(PP - pp_rank, micro-batches per update): 1F1B keeps the activations of PP - pp_rank
       micro-batches on stage pp_rank (1 without PP).
     model.recompute (Megatron's full, uniform recompute of every layer) keeps each layer's input instead:
-    stage = n_r * (L_r * 2sbh + first/last terms) + layer (one layer is recomputed at a time).
+    stage = n_r * (L_r * 2Th + first/last terms) + layer (one layer is recomputed at a time).
 vLLM, per GPU of an engine with TP e:
     reservation = rollout.gpu_memory_utilization * GPU memory (vLLM claims it when it starts or wakes)
     weights     = w * P(e)          the Megatron count of the same model at TP = e, PP = 1
@@ -68,20 +74,24 @@ It fits when every GPU's peak is at most --gpu-mem-gib and every engine's KV cac
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, reduce
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from harmony_mcore.config import Config, ConfigError, load_config
+from harmony_mcore.config import Config, ConfigError, config_layers, load_config
 from harmony_mcore.mcore.parallel import layout_errors
+from harmony_mcore.rollout.engine import MIN_BATCHED_TOKENS
 from harmony_mcore.weights.arch import ArchError, ArchSpec
 from harmony_mcore.weights.presets import PresetError, arch_for, arch_source
 
@@ -94,7 +104,6 @@ TRAIN_OVERHEAD = 2 * GIB
 VLLM_RUNTIME = 1 * GIB
 VLLM_CUDA_GRAPHS = 1 * GIB
 VLLM_SLEEP_RESIDUE = 1 * GIB
-VLLM_MIN_BATCHED_TOKENS = 8192  # the engine's max_num_batched_tokens = max(max_model_len, 8192)
 VLLM_MAX_SEQS = 1024
 KV_BYTES = 2  # bf16 KV cache
 
@@ -104,7 +113,9 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
-class Cluster:
+class Hardware:
+    """The GPUs a plan is made for (harmony_mcore.cluster.Cluster is a run's Ray actors)."""
+
     nodes: int
     gpus_per_node: int
     gpu_mem_gib: float = 80.0
@@ -125,23 +136,30 @@ class Cluster:
 class BatchShape:
     """Sequences of one training step, as Megatron sees them on one data-parallel rank."""
 
-    seq_len: int  # s: prompt + response tokens, sequences padded to it
+    seq_len: int  # s: prompt + response tokens, the longest a sequence can be
     micro_batch: int  # b
     sequences_per_update: int  # per DP rank and optimizer step
+    tokens: int  # T: padded tokens of the largest micro-batch (s * b with fixed micro-batches, else the budget)
+    packed: bool  # token-budget micro-batches (parallel.micro_batching=tokens)
 
     @classmethod
     def of(cls, cfg: Config) -> BatchShape:
+        from harmony_mcore.mcore.policy import micro_batch_tokens
+
         r, t, p = cfg.rollout, cfg.train, cfg.parallel
         per_step = t.questions_per_step * len(cfg.labels.views) * r.n_per_view
-        return cls(seq_len=r.max_prompt_tokens + r.max_response_tokens, micro_batch=p.micro_batch_size,
-                   sequences_per_update=per_step // p.dp // cfg.grpo.updates_per_step)
+        seq_len = r.max_prompt_tokens + r.max_response_tokens
+        packed = p.micro_batching == "tokens"
+        return cls(seq_len=seq_len, micro_batch=p.micro_batch_size,
+                   sequences_per_update=per_step // p.dp // cfg.grpo.updates_per_step,
+                   tokens=micro_batch_tokens(cfg) if packed else seq_len * p.micro_batch_size, packed=packed)
 
     @property
     def micro_batches(self) -> int:
         return self.sequences_per_update // self.micro_batch
 
 
-def _world_problems(cfg: Config, cluster: Cluster) -> list[str]:
+def _world_problems(cfg: Config, cluster: Hardware) -> list[str]:
     p, r = cfg.parallel, cfg.rollout
     train_gpus, engine_gpus = p.tp * p.pp * p.dp, r.engines * r.engine_tp
     layout = f"parallel.tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {train_gpus}"
@@ -170,7 +188,9 @@ def _engine_problems(arch: ArchSpec, engine_tp: int, padded_vocab: int) -> list[
 
 def _batch_problems(cfg: Config, arch: ArchSpec, shape: BatchShape) -> list[str]:
     problems, pp, mbs = [], cfg.parallel.pp, f"parallel.micro_batch_size={shape.micro_batch}"
-    if shape.sequences_per_update % shape.micro_batch:
+    if shape.packed:
+        pass  # token-budget micro-batches: any count of sequences, split to at least PP micro-batches
+    elif shape.sequences_per_update % shape.micro_batch:
         problems.append(f"{mbs} does not divide the {shape.sequences_per_update} sequences per data-parallel "
                         "rank and update")
     elif pp > 1 and shape.micro_batches < pp:
@@ -182,14 +202,14 @@ def _batch_problems(cfg: Config, arch: ArchSpec, shape: BatchShape) -> list[str]
     return problems
 
 
-def _node_warnings(cfg: Config, cluster: Cluster) -> list[str]:
+def _node_warnings(cfg: Config, cluster: Hardware) -> list[str]:
     groups = {f"parallel.tp={cfg.parallel.tp}": cfg.parallel.tp,
               f"rollout.engine_tp={cfg.rollout.engine_tp}": cfg.rollout.engine_tp}
     return [f"{name} does not fit inside one node of {cluster.gpus_per_node} GPUs: its all-reduces cross "
             "nodes" for name, size in groups.items() if cluster.gpus_per_node % size]
 
 
-def layout_problems(cfg: Config, arch: ArchSpec, cluster: Cluster) -> list[str]:
+def layout_problems(cfg: Config, arch: ArchSpec, cluster: Hardware) -> list[str]:
     """Every reason this config cannot run on this cluster (empty when it can)."""
     p, padded = cfg.parallel, arch.padded_vocab_size(cfg.model.vocab_multiple)
     return (_world_problems(cfg, cluster)
@@ -304,23 +324,30 @@ class ActivationModel:
     tp: int
     vocab: int  # padded
     shape: BatchShape
-    flash: bool  # fused attention (TE on GPU): no s^2 scores, K/V stored per query group
+    attention: str  # "te" (TransformerEngine), "sdpa" (torch's fused kernels) or "unfused" (Megatron local)
     recompute: bool  # Megatron full/uniform recompute
+    weight_bytes: int = 2  # w: logits and their gradient are in the parameters' dtype
 
     def layer(self) -> int:
-        """Bytes one layer keeps for its backward, one micro-batch."""
-        a, s, b, t = self.arch, self.shape.seq_len, self.shape.micro_batch, self.tp
-        kv_heads = a.num_query_groups if self.flash else a.num_heads
+        """Bytes one layer keeps for its backward, one micro-batch of T = s*b tokens (or the token budget)."""
+        a, T, s, t = self.arch, self.shape.tokens, self.shape.seq_len, self.tp
+        kv_heads = a.num_query_groups if self.attention == "te" else a.num_heads  # SDPA may expand K/V for GQA
         sharded = (2 * a.head_dim * (2 * a.num_heads + 2 * kv_heads)
                    + 2 * a.head_dim * (a.num_heads + a.num_query_groups) * a.qk_norm
                    + 6 * a.ffn_hidden_size)
-        scores = 0 if self.flash else 5 * a.num_heads * s * s * b // t
-        return s * b * (10 * a.hidden_size + sharded // t) + scores
+        scores = 5 * a.num_heads * s * T // t if self.attention == "unfused" else 0  # T / s sequences x s^2
+        return T * (10 * a.hidden_size + sharded // t) + scores
 
     def ends(self, first: bool, last: bool) -> int:
-        """Embedding output (first stage); final-norm and output-layer inputs and logits (last stage)."""
-        s, b, h = self.shape.seq_len, self.shape.micro_batch, self.arch.hidden_size
-        return first * 2 * s * b * h + last * (4 * s * b * h + 6 * s * b * self.vocab // self.tp)
+        """Embedding output (first stage); final-norm and output-layer inputs, the logits and, at the backward
+        of the log-prob path, their gradient plus three fp32 chunks of at most an eighth of them
+        (harmony_mcore.mcore.logprobs) (last stage)."""
+        from harmony_mcore.mcore.logprobs import CHUNK_BYTES, CHUNKS_AT_LEAST
+
+        T, h = self.shape.tokens, self.arch.hidden_size
+        logits = T * self.vocab // self.tp
+        chunk = min(CHUNK_BYTES, 4 * logits // CHUNKS_AT_LEAST)
+        return first * 2 * T * h + last * (4 * T * h + 2 * self.weight_bytes * logits + 3 * chunk)
 
     def stage(self, rank: RankParams, pp: int) -> int:
         """Bytes of activations stage `rank.pp_rank` holds at its peak under 1F1B."""
@@ -328,7 +355,7 @@ class ActivationModel:
         ends = self.ends(rank.embedding, rank.last_stage)
         if not self.recompute:
             return inflight * (rank.num_layers * self.layer() + ends)
-        layer_input = 2 * self.shape.seq_len * self.shape.micro_batch * self.arch.hidden_size
+        layer_input = 2 * self.shape.tokens * self.arch.hidden_size
         return inflight * (rank.num_layers * layer_input + ends) + self.layer() * (rank.num_layers > 0)
 
 
@@ -384,12 +411,12 @@ class VllmMemory:
         return self.kv_tokens // self.seq_len
 
 
-def vllm_memory(cfg: Config, arch: ArchSpec, padded_vocab: int, cluster: Cluster) -> VllmMemory:
+def vllm_memory(cfg: Config, arch: ArchSpec, padded_vocab: int, cluster: Hardware) -> VllmMemory:
     a, e = arch, cfg.rollout.engine_tp
     shard = count_rank_params(arch, padded_vocab, e, 1, cfg.model.dtype)[0]
     profile_per_token = 2 * (2 * a.hidden_size + ((a.num_heads + 2 * a.num_query_groups) * a.head_dim
                                                   + 3 * a.ffn_hidden_size) // e)
-    batched_tokens = max(BatchShape.of(cfg).seq_len, VLLM_MIN_BATCHED_TOKENS)
+    batched_tokens = max(BatchShape.of(cfg).seq_len, MIN_BATCHED_TOKENS)
     workspace = (batched_tokens * profile_per_token + VLLM_MAX_SEQS * padded_vocab * 8 + VLLM_RUNTIME
                  + (0 if cfg.rollout.enforce_eager else VLLM_CUDA_GRAPHS))
     return VllmMemory(
@@ -441,14 +468,14 @@ class RankPlan:
 @dataclass(frozen=True)
 class Plan:
     config: Config
-    cluster: Cluster
+    cluster: Hardware
     arch: ArchSpec
     source: str  # where the architecture came from
     padded_vocab: int
     total_padded: int
     total: int  # unpadded vocab: the published count
     shape: BatchShape
-    flash: bool
+    attention: str  # te | sdpa | unfused
     ranks: tuple[RankPlan, ...]
     vllm: VllmMemory
     warnings: tuple[str, ...]
@@ -475,7 +502,7 @@ class Plan:
         return not self.problems()
 
 
-def make_plan(cfg: Config, cluster: Cluster) -> Plan:
+def make_plan(cfg: Config, cluster: Hardware) -> Plan:
     """Check the layout, count every rank's parameters, estimate every GPU's memory. PlanError: bad layout."""
     try:
         arch = arch_for(cfg.model)
@@ -485,8 +512,10 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     if problems:
         raise PlanError("impossible layout: " + "; ".join(problems))
     p, padded, shape = cfg.parallel, arch.padded_vocab_size(cfg.model.vocab_multiple), BatchShape.of(cfg)
-    flash = cfg.model.layer_spec != "local"  # auto and te resolve to TransformerEngine on a GPU
-    activations = ActivationModel(arch, p.tp, padded, shape, flash, cfg.model.recompute)
+    # auto and te resolve to TransformerEngine on a GPU; the local spec's attention is model.attention
+    attention = "te" if cfg.model.layer_spec != "local" else cfg.model.attention
+    activations = ActivationModel(arch, p.tp, padded, shape, attention, cfg.model.recompute,
+                                  WEIGHT_BYTES[cfg.model.dtype])
     vllm = vllm_memory(cfg, arch, padded, cluster)
     counts = count_rank_params(arch, padded, p.tp, p.pp, cfg.model.dtype)
     ranks = []
@@ -496,7 +525,7 @@ def make_plan(cfg: Config, cluster: Cluster) -> Plan:
     total_padded = sum(r.unique for r in counts)
     return Plan(config=cfg, cluster=cluster, arch=arch, source=arch_source(cfg.model), padded_vocab=padded,
                 total_padded=total_padded, total=unpadded_total(arch, total_padded, padded), shape=shape,
-                flash=flash, ranks=tuple(ranks), vllm=vllm, warnings=tuple(_node_warnings(cfg, cluster)))
+                attention=attention, ranks=tuple(ranks), vllm=vllm, warnings=tuple(_node_warnings(cfg, cluster)))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -555,7 +584,8 @@ def _header(plan: Plan) -> list[str]:
     a, c, p, r, s = plan.arch, plan.cluster, plan.config.parallel, plan.config.rollout, plan.shape
     tied = "tied" if a.tied_embeddings else "untied"
     sleep = ", asleep while training" if r.placement == "colocated" and r.sleep_while_training else ""
-    attention = "fused (flash)" if plan.flash else "unfused"
+    attention = {"te": "TransformerEngine (flash)", "sdpa": "torch SDPA (flash)", "unfused": "unfused"}[
+        plan.attention]
     recompute = "full recompute" if plan.config.model.recompute else "no recompute"
     return [
         f"model       {a.family} ({plan.source}): {a.num_layers} layers, hidden {a.hidden_size}, "
@@ -565,8 +595,9 @@ def _header(plan: Plan) -> list[str]:
         f"cluster     {c.nodes} node(s) x {c.gpus_per_node} GPUs x {c.gpu_mem_gib:g} GiB",
         f"layout      TP {p.tp} x PP {p.pp} x DP {p.dp} training GPUs; {r.engines} vLLM engine(s) x TP "
         f"{r.engine_tp}, {r.placement}{sleep}",
-        f"batch       {s.sequences_per_update} sequences of {s.seq_len} tokens per DP rank and update, "
-        f"{s.micro_batches} micro-batches of {s.micro_batch}; attention {attention}, {recompute}",
+        f"batch       {s.sequences_per_update} sequences of up to {s.seq_len} tokens per DP rank and update, "
+        + (f"micro-batches of at most {s.tokens:,} padded tokens" if s.packed else
+           f"{s.micro_batches} micro-batches of {s.micro_batch}") + f"; attention {attention}, {recompute}",
     ]
 
 
@@ -601,11 +632,19 @@ def render(plan: Plan) -> str:
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `plan` subcommand's options (for the top-level `harmony-mcore` parser to reuse); sets func."""
-    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--config", required=True,
+                        help="run config YAML; a top-level `base: <path>` extends another file (the recipes "
+                             "extend configs/recipes/base/self_harmony_math500.yaml). The first line printed "
+                             "names the file and its bases")
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--gpus-per-node", type=int, required=True)
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    parser.add_argument("--show-config", action="store_true",
+                        help="also list every key the file, its bases or the overrides set, with its "
+                             "resolved value and where it comes from (precedence: base < file < command "
+                             "line; keys not listed keep their defaults in harmony_mcore/config.py)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides, key.sub=value (they win over the files)")
     parser.set_defaults(func=run_plan)
     return parser
 
@@ -619,13 +658,47 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, Cluster(args.nodes, args.gpus_per_node, args.gpu_mem_gib))
+        plan = make_plan(cfg, Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib))
     except (ConfigError, PlanError) as err:
         where = "" if str(args.config) in str(err) else f"{Path(args.config).name}: "  # file errors name it
         print(f"harmony-mcore plan: {where}{err}", file=sys.stderr)
         return 2
+    print("\n".join(config_lines(cfg, args.config, args.overrides, every_key=args.show_config)))
     print(render(plan))
     return 0 if plan.fits else 1
+
+
+def config_lines(cfg: Config, path: str | Path, overrides: Sequence[str], every_key: bool) -> list[str]:
+    """The `config` line: the file and its `base:` chain. With every_key, each key the files or overrides set,
+    its value in cfg (the resolved config) and the last layer that set it (a base, the file, the command
+    line)."""
+    files = config_layers(path)
+    lines = [f"config      {', extends '.join(str(file) for file, _ in reversed(files))}"
+             + (f"; {len(overrides)} command-line override(s)" if overrides else "")]
+    if not every_key:
+        return lines
+    here = Path(path).parent
+    layers = [(os.path.relpath(file, here), OmegaConf.to_container(node)) for file, node in files]
+    layers.append(("command line", OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))))
+    source = {key: where for where, tree in layers for key in _leaf_keys(tree)}  # the last layer wins
+    shown = []
+    for key in _leaf_keys(OmegaConf.to_container(OmegaConf.structured(cfg))):  # in the config's own order
+        if key in source:
+            text = json.dumps(reduce(getattr, key.split("."), cfg))
+            shown.append((f"{key} = {text if len(text) <= 48 else text[:45] + '...'}", source[key]))
+    width = max((len(setting) for setting, _ in shown), default=0)
+    title = (f"resolved    key = value (set by; files relative to {here}/), every other key at its default "
+             "(harmony_mcore/config.py):")
+    return [*lines, title, *(f"  {setting:<{width}}  ({where})" for setting, where in shown), ""]
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> Iterator[str]:
+    """Dotted keys of a nested mapping's values (a list is one value)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,9 +12,13 @@
 # - GPUs: Ray sees the GPUs CUDA_VISIBLE_DEVICES leaves visible; with none, everything runs on CPU.
 # - CPU count: Ray gives every Megatron rank and every CPU vLLM engine one logical CPU. The trainer's local Ray
 #   already advertises at least tp*pp*dp + engines of them; HARMONY_RAY_CPUS=N (-> ray.num_cpus=N) asks for more.
-# - Signals: Ctrl-C (INT, forwarded as TERM), TERM and USR1 make the trainer finish its step, write a checkpoint
-#   and exit 75; run the same command again with --resume to continue.
-# - Exit status: the trainer's (0 done, 75 checkpointed on a signal, 2 config error).
+# - Signals: Ctrl-C (INT), TERM and USR1 are forwarded to the trainer, which finishes its step, writes a checkpoint
+#   and exits 75 (during start-up it stops at once: no step ran, nothing to checkpoint); run the same command again
+#   with --resume to continue. A second Ctrl-C stops it at once, without a checkpoint (exit 130). The trainer runs
+#   in a session of its own (setsid), so a Ctrl-C in the terminal reaches it once, through this script, and never
+#   reaches Ray's or vLLM's processes directly; every process of the run is stopped before the trainer exits.
+# - Exit status: the trainer's (0 done, 75 stopped by a signal with a checkpoint, 130 stopped at once by a second
+#   Ctrl-C, 2 bad input or config, 1 a failure it reports).
 #
 # Variables:
 #   HARMONY_VENV       a virtualenv whose bin/ is put first on PATH (needs harmony-mcore). Default: use PATH.
@@ -62,18 +66,25 @@ fi
 
 train_pid=""
 interrupted=0
-forward() {  # forward(SIGNAL AS): runs in the trap; `wait` below then returns early and is re-entered
+ints=0
+forward() {  # forward(SIGNAL): runs in the trap; `wait` below then returns early and is re-entered
     interrupted=1
-    echo "[local.sh] SIG$1: asking the trainer (pid $train_pid) to checkpoint and stop (exit 75)" >&2
-    kill -s "$2" "$train_pid" 2>/dev/null || true
+    if [[ "$1" == INT ]] && ((ints++ > 0)); then
+        echo "[local.sh] SIGINT again: the trainer (pid $train_pid) stops at once, without a checkpoint" >&2
+    else
+        echo "[local.sh] SIG$1: the trainer (pid $train_pid) finishes its step, checkpoints and exits 75" >&2
+    fi
+    [[ -n "$train_pid" ]] && kill -s "$1" "$train_pid" 2>/dev/null || true
 }
-trap 'forward INT TERM' INT
-trap 'forward TERM TERM' TERM
-trap 'forward USR1 USR1' USR1
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+session=()  # its own session: the terminal's Ctrl-C reaches it once, forwarded from here
+command -v setsid >/dev/null && session=(setsid)
 
 echo "[local.sh] harmony-mcore train --config $config ${flags[*]:-} ${extra[*]:-} ${overrides[*]:-}" >&2
 # extra first: explicit key=value arguments win. tee ignores the signals so that output keeps flowing.
-harmony-mcore train --config "$config" "${flags[@]}" "${extra[@]}" "${overrides[@]}" \
+"${session[@]}" harmony-mcore train --config "$config" "${flags[@]}" "${extra[@]}" "${overrides[@]}" \
     > >(trap '' INT TERM USR1; exec tee -a "$log_file") 2>&1 &
 train_pid=$!
 rc=0

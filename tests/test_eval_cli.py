@@ -209,6 +209,8 @@ def tiny_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, 
 @pytest.mark.slow
 @pytest.mark.stack
 def test_end_to_end_metrics_per_benchmark_and_table(tiny_runs):
+    from harmony_mcore.runtime import local_gpus
+
     proc, report = tiny_runs["hf"]
     assert set(report["benchmarks"]) == {"arith", "quiz", ALL}
     for name, expected in (("arith", 2), ("quiz", 1), (ALL, 3)):
@@ -224,7 +226,7 @@ def test_end_to_end_metrics_per_benchmark_and_table(tiny_runs):
     assert report["settings"] | {"model": "", "data": []} == {
         "model": "", "model_kind": "hf", "data": [], "k": 2, "temperature": 0.8, "top_p": 0.95,
         "max_tokens": 16, "max_prompt_tokens": 2048, "prompt_style": "base", "seed": 3, "dtype": "float32",
-        "tp": 1, "gpu_memory_utilization": 0.1, "eval_step": -1}
+        "tp": 1, "gpu_memory_utilization": 0.1, "eval_step": -1, "device": "cuda" if local_gpus() else "cpu"}
     for header in ("benchmark", "avg@2", "maj@2", "pass@2", "arith", "quiz", ALL):
         assert header in proc.stdout
     assert "1 questions have no answer" in proc.stderr

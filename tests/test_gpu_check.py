@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import needs_gpus
 
@@ -26,7 +25,8 @@ def _assert_passed(code: int, report: dict, output: str, device: str) -> None:
     assert report["device"] == device
     failed = {name: check for name, check in report["checks"].items() if not check["ok"]}
     assert code == 0 and report["ok"] and not failed, f"failed checks: {failed}\n{output[-3000:]}"
-    assert set(report["checks"]) == {"parity_fp32", "update_bf16", "checkpoint", "resume", "export"}
+    assert set(report["checks"]) == {"parity_fp32", "update_bf16", "checkpoint", "resume", "export", "throughput"}
+    assert report["checks"]["throughput"]["equal"]["update_tokens_per_s"] > 0
     assert report["checks"]["checkpoint"]["differing_after_load"] == 0
     assert report["checks"]["parity_fp32"]["optimizer"] == "DistributedOptimizer"
 

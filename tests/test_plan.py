@@ -14,7 +14,7 @@ from harmony_mcore.config import load_config
 from harmony_mcore.plan import (
     ActivationModel,
     BatchShape,
-    Cluster,
+    Hardware,
     PlanError,
     count_rank_params,
     main,
@@ -111,14 +111,25 @@ def test_presets_agree_with_transformers():
 
 
 def test_activation_terms_by_hand():
-    """Qwen3-8B, TP 4, one 4096-token sequence: s*b*(10h + (2d(2a + 2g') + 2d(a + g) + 6F)/t) [+ 5as^2b/t]."""
+    """Qwen3-8B, TP 4, one 4096-token sequence: T*(10h + (2d(2a + 2g') + 2d(a + g) + 6F)/t) [+ 5as^2b/t]."""
     arch = preset_arch("qwen3-8b")
-    shape = BatchShape(seq_len=4096, micro_batch=1, sequences_per_update=8)
+    shape = BatchShape(seq_len=4096, micro_batch=1, sequences_per_update=8, tokens=4096, packed=False)
     per_token = 10 * 4096 + (2 * 128 * (64 + 16) + 2 * 128 * 40 + 6 * 12288) // 4
-    assert ActivationModel(arch, 4, 151936, shape, flash=True, recompute=False).layer() == 4096 * per_token
-    unfused = ActivationModel(arch, 4, 151936, shape, flash=False, recompute=False).layer()
-    per_token = 10 * 4096 + (2 * 128 * 128 + 2 * 128 * 40 + 6 * 12288) // 4  # K and V expanded to 32 heads
-    assert unfused == 4096 * per_token + 5 * 32 * 4096**2 // 4
+    assert ActivationModel(arch, 4, 151936, shape, attention="te", recompute=False).layer() == 4096 * per_token
+    expanded = 10 * 4096 + (2 * 128 * 128 + 2 * 128 * 40 + 6 * 12288) // 4  # K and V expanded to 32 heads
+    assert ActivationModel(arch, 4, 151936, shape, attention="sdpa", recompute=False).layer() == 4096 * expanded
+    unfused = ActivationModel(arch, 4, 151936, shape, attention="unfused", recompute=False).layer()
+    assert unfused == 4096 * expanded + 5 * 32 * 4096**2 // 4
+
+
+def test_packed_activations_scale_with_the_token_budget():
+    """A packed micro-batch of T tokens keeps T/s times what one s-token sequence keeps (fused attention)."""
+    arch = preset_arch("qwen3-8b")
+    one = BatchShape(seq_len=4096, micro_batch=1, sequences_per_update=8, tokens=4096, packed=False)
+    packed = BatchShape(seq_len=4096, micro_batch=1, sequences_per_update=8, tokens=16384, packed=True)
+    layer = [ActivationModel(arch, 4, 151936, shape, attention="te", recompute=False).layer()
+             for shape in (one, packed)]
+    assert layer[1] == 4 * layer[0]
 
 
 def recipe_cluster(path: Path) -> list[str]:
@@ -169,7 +180,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     (["--nodes", "1", "--gpus-per-node", "8", "rollout.engines=2"],
      "rollout.engines x engine_tp = 2 x 2 = 4 GPUs must equal the 8 training GPUs"),
     (["--nodes", "1", "--gpus-per-node", "8", "parallel.tp=2", "parallel.pp=4", "parallel.dp=1",
-      "parallel.micro_batch_size=2048"], "leaves 2 micro-batches per update, fewer than the parallel.pp=4"),
+      "parallel.micro_batch_size=2048", "parallel.micro_batching=fixed"],
+     "leaves 2 micro-batches per update, fewer than the parallel.pp=4"),
     (["--nodes", "1", "--gpus-per-node", "8", "rollout.max_response_tokens=40000"],
      "exceeds the model's 32768"),
 ])
@@ -205,7 +217,7 @@ def test_smaller_gpus_do_not_fit(capsys):
 
 
 def test_sleep_mode_takes_the_max_of_the_phases_and_awake_the_sum():
-    cluster = Cluster(1, 8, 80.0)
+    cluster = Hardware(1, 8, 80.0)
     asleep = make_plan(load_config(QWEN3_8B_1X8), cluster).ranks[0]
     awake = make_plan(load_config(QWEN3_8B_1X8, ["rollout.sleep_while_training=false"]), cluster)
     assert asleep.phases.peak == max(asleep.phases.train, asleep.phases.rollout)
@@ -218,7 +230,7 @@ def test_disaggregated_pools(capsys):
                          "rollout.engines=4", "rollout.gpu_memory_utilization=0.9")
     assert code == 0 and "vLLM GPU" in text
     plan = make_plan(load_config(QWEN3_8B_1X8, ["rollout.placement=disaggregated", "rollout.engines=4"]),
-                     Cluster(2, 8))
+                     Hardware(2, 8))
     assert plan.ranks[0].phases.rollout == 0 and plan.ranks[0].phases.peak == plan.ranks[0].memory.peak
 
 
@@ -234,4 +246,4 @@ def test_arch_prefers_hf_config_json_and_names_preset_when_missing(tmp_path):
         arch_for(cfg.model)
     cfg.model.preset = "qwen3-9b"
     with pytest.raises(PlanError, match=r"model\.preset: unknown preset 'qwen3-9b'"):
-        make_plan(cfg, Cluster(1, 8))
+        make_plan(cfg, Hardware(1, 8))

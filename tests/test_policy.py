@@ -16,14 +16,14 @@ TINY_OVERRIDES = ["optim.lr=1e-3", "optim.warmup_ratio=0", "optim.grad_clip=0", 
                   "parallel.micro_batch_size=2", "train.questions_per_step=2"]
 
 
-def _policy(hf: str, overrides: list[str], rank: int, world: int):
+def _policy(hf: str, overrides: list[str], rank: int, world: int, **kwargs):
     from harmony_mcore.config import load_config
     from harmony_mcore.mcore.policy import Policy
     from harmony_mcore.weights.arch import ArchSpec
 
     cfg = load_config(None, [f"model.hf_path={hf}", *TINY_OVERRIDES, *overrides])
     return Policy(cfg, ArchSpec.from_hf_dir(hf), 10, rank=rank, world=world, master_addr="127.0.0.1",
-                  master_port=0)
+                  master_port=0, **kwargs)
 
 
 def _batch(advantages: list[float], seed: int = 0):
@@ -39,11 +39,8 @@ def _batch(advantages: list[float], seed: int = 0):
 
 def _response_logp(policy, seqs) -> list[float] | None:
     """Mean log-prob of each sequence's response tokens (last stage only)."""
-    per_batch = policy._logprobs_of(policy.model, policy._micro_batches(seqs))
-    if not per_batch:
-        return None
-    rows = [row for logp in per_batch for row in logp]
-    return [row[s.prompt_len - 1:len(s.tokens) - 1].mean().item() for s, row in zip(seqs, rows)]
+    rows = policy.response_logprobs(seqs)
+    return [sum(r) / len(r) for r in rows] if rows else None
 
 
 SHIFT = 0.25  # the engine's log-probs, made lower than the trainer's by this much
@@ -232,14 +229,60 @@ def test_local_spec_checkpoint_loads_into_te_style_layers(tiny_qwen3, tmp_path):
 
 
 def _cuda_visible_case(rank: int, world: int, hf: str):
-    """A gloo group on a machine that has CUDA: Megatron stays on the CPU (CUDA availability faked)."""
-    from harmony_mcore.mcore import parallel
-
+    """The CPU runtime on a machine that has CUDA (availability faked): Megatron stays on the CPU, over gloo."""
     torch.cuda.is_available = lambda: True
     policy = _policy(hf, ["parallel.tp=2"], rank, world)
-    return parallel.on_cuda(), torch.cuda.is_available(), next(policy.gpt.parameters()).device.type
+    return policy.runtime.device, torch.cuda.is_available(), next(policy.gpt.parameters()).device.type
 
 
-def test_gloo_group_keeps_megatron_on_cpu_where_cuda_exists(tiny_qwen3):
-    for on_cuda, cuda_seen, device in spawn_gloo(2, _cuda_visible_case, str(tiny_qwen3)):
-        assert (on_cuda, cuda_seen, device) == (False, False, "cpu")
+def test_cpu_runtime_keeps_megatron_on_cpu_where_cuda_exists(tiny_qwen3):
+    for device, cuda_seen, param_device in spawn_gloo(2, _cuda_visible_case, str(tiny_qwen3)):
+        assert (device, cuda_seen, param_device) == ("cpu", False, "cpu")
+
+
+def _wrong_backend_case(rank: int, world: int, hf: str):
+    from harmony_mcore.mcore.parallel import LayoutError
+    from harmony_mcore.runtime import Runtime
+
+    try:
+        _policy(hf, [], rank, world, runtime=Runtime(device="cuda"))
+    except LayoutError as e:
+        return str(e)
+    return None
+
+
+def test_a_runtime_that_contradicts_the_process_group_is_refused(tiny_qwen3):
+    (message,) = spawn_gloo(1, _wrong_backend_case, str(tiny_qwen3))
+    assert message is not None and "needs a nccl process group" in message
+
+
+def _layout_case(rank: int, world: int, hf: str, tp: int, pp: int):
+    """The same skewed batch through fixed micro-batches of 2 sequences and through token-budget ones."""
+    g = torch.Generator().manual_seed(3)
+    from harmony_mcore.mcore.policy import TrainSequence
+
+    seqs = [TrainSequence(tuple(torch.randint(0, 1000, (n,), generator=g).tolist()), 5, a)
+            for n, a in zip([60, 9, 33, 12, 80, 7], [1.0, -1.0, 0.5, -0.5, 1.0, -1.0])]
+    out = {}
+    for layout in ("fixed", "tokens"):
+        policy = _policy(hf, [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.micro_batching={layout}",
+                              "parallel.max_tokens_per_micro_batch=160"], rank, world)
+        policy.batch = seqs
+        policy.compute_logprobs()
+        metrics = policy.train_step()
+        grads = torch.cat([b.grad_data.float() for b in policy.model.buffers]).numpy()  # numpy: pickled by value
+        out[layout] = ({k: v for k, v in metrics.items() if k.startswith(("loss/", "grad_norm", "tokens"))}, grads,
+                       [mb.index for mb in policy._plan()[0]])
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_token_budget_micro_batches_leave_loss_and_gradients_unchanged(tiny_qwen3, tp, pp):
+    for out in spawn_gloo(2, _layout_case, str(tiny_qwen3), tp, pp):
+        (fixed, g_fixed, n_fixed), (packed, g_packed, n_packed) = out["fixed"], out["tokens"]
+        assert n_fixed == [(0, 1), (2, 3), (4, 5)] and n_packed != n_fixed, "the layouts differ"
+        assert fixed.keys() == packed.keys()
+        for key in fixed:
+            assert packed[key] == pytest.approx(fixed[key], rel=1e-5, abs=1e-6), key
+        g_packed, g_fixed = torch.from_numpy(g_packed), torch.from_numpy(g_fixed)
+        assert torch.allclose(g_packed, g_fixed, rtol=1e-4, atol=1e-6), (g_packed - g_fixed).abs().max()

@@ -23,7 +23,7 @@ from harmony_mcore.data.verl import write_verl_parquet
 from harmony_mcore.labels import AnswerSample, LabelConfig, label_batch
 from harmony_mcore.labels.answers import MAX_ANSWER_CHARS, extract_answer, normalize_math
 from harmony_mcore.labels.cli import main as label_main
-from harmony_mcore.mcore.checkpoint import CheckpointMeta
+from harmony_mcore.mcore.checkpoint import CheckpointMeta, write_manifest
 from harmony_mcore.records import REFRAME, SOLVER, Question
 from harmony_mcore.weights.arch import ArchSpec
 from harmony_mcore.weights.table import expected_hf_names
@@ -55,13 +55,14 @@ def write_hf_dir(path: Path, config: dict | None = None, *, wrong_shape: bool = 
 
 
 def write_checkpoint(path: Path, extra: dict | None = None, padded_vocab: int = 256) -> Path:
-    """The metadata of a harmony_mcore checkpoint (harmony.json, dist/, hf/) of HF_CONFIG's model."""
+    """The metadata of a harmony_mcore checkpoint (harmony.json, dist/, hf/, manifest.json) of HF_CONFIG's model."""
     (path / "dist").mkdir(parents=True)
     (path / "hf").mkdir()
     (path / "hf" / "config.json").write_text(json.dumps(HF_CONFIG))
     (path / "hf" / "tokenizer_config.json").write_text("{}")
     meta = CheckpointMeta(ArchSpec.from_hf_config(HF_CONFIG), padded_vocab, "float32", extra or {})
     (path / "harmony.json").write_text(meta.to_json())
+    write_manifest(path)
     return path
 
 

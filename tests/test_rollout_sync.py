@@ -35,7 +35,7 @@ def _start(hf, tp: int, pp: int, layout: str):
 
     from harmony_mcore.cluster import launch, start_ray
     from harmony_mcore.config import load_config
-    from harmony_mcore.train import StepContext
+    from harmony_mcore.train import Sampler
     from harmony_mcore.weights.arch import ArchSpec
 
     cfg = load_config(None, [f"model.hf_path={hf}", f"parallel.tp={tp}", f"parallel.pp={pp}", "rollout.n_per_view=2",
@@ -45,7 +45,7 @@ def _start(hf, tp: int, pp: int, layout: str):
                              f"rollout.cpu_weight_layout={layout}"])
     start_ray(cfg)
     cluster = launch(cfg, ArchSpec.from_hf_dir(hf), total_steps=10, engine_hf_dir=str(hf))
-    ctx = StepContext(cfg, cluster)
+    ctx = Sampler(cfg, cluster)
     ctx.tokenizer = AutoTokenizer.from_pretrained(hf)
     return cfg, cluster, ctx
 
@@ -129,7 +129,9 @@ def test_incomplete_sync_is_refused(trained):
 
 
 def test_killed_engine_is_restarted_and_resynced(trained, task):
-    _, cluster, ctx, _ = trained
+    cfg, cluster, ctx, _ = trained
+    if cfg.parallel.pp > 1:  # the suite's time budget: restart + resync is one code path for every layout, and
+        pytest.skip("tp2-plain covers it; tests/test_signals.py kills an engine during a sync too")
     pid = ray.get(cluster.engines[0].ping.remote())
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ray.exceptions.RayActorError):
@@ -142,7 +144,7 @@ def test_killed_engine_is_restarted_and_resynced(trained, task):
 def test_shutdown_releases_shared_memory_slots(trained):
     """Runs last for each layout: Cluster.shutdown closes the senders and the engines, so no /dev/shm slot or
     parameter file outlives the run."""
-    from harmony_mcore.rollout.shm import SHM_DIR
+    from harmony_mcore.sync.protocol import SHM_DIR
 
     cfg, cluster, _, _ = trained
     pids = ray.get([p.__ray_call__.remote(lambda _: os.getpid()) for p in cluster.policies])

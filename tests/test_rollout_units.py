@@ -8,7 +8,7 @@ import torch
 from harmony_mcore.records import REFRAME, REFRAME_SECTIONS, SOLVER, Question
 from harmony_mcore.rollout.dispatch import build_requests, request_seed
 from harmony_mcore.rollout.prompts import PromptTemplates
-from harmony_mcore.rollout.shm import ShmBucketWriter, read_bucket
+from harmony_mcore.sync.shm import ShmBucketWriter, read_bucket
 from harmony_mcore.weights.hf_dir import buckets
 
 Q = Question("q1", "Tom has 7 apples. He eats 2. How many are left?", "math", "5", "test")

@@ -16,16 +16,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harmony_mcore.rollout.placement import CopyRecorder, Piece, covers_whole, unique_parameters
-from harmony_mcore.rollout.shm import (
+from harmony_mcore.sync import make_sender
+from harmony_mcore.sync.cpu_direct import (
     ARENA_PREFIX,
-    SHM_DIR,
+    CopyRecorder,
     DirectTarget,
     ParamArena,
+    Piece,
+    covers_whole,
     sweep_stale_arenas,
 )
-from harmony_mcore.rollout.transport import RankLayout, make_sender
-from harmony_mcore.rollout.worker_ext import WeightReceiver
+from harmony_mcore.sync.protocol import SHM_DIR, LocalEngines, RankLayout
+from harmony_mcore.sync.worker_ext import WeightReceiver
 
 Q, K, V = 6, 3, 3  # fused qkv rows
 VOCAB, PADDED = 6, 8
@@ -86,7 +88,7 @@ def assert_params(model: FusedModel, hf: dict[str, torch.Tensor]) -> None:
 
 def record(model, hf):
     sources = [(n, t.contiguous()) for g in groups(hf) for n, t in g]
-    recorder = CopyRecorder(sources, unique_parameters(model))
+    recorder = CopyRecorder(sources, list(model.named_parameters()))
     with recorder:
         model.load_weights(iter(sources))
     return recorder
@@ -115,7 +117,7 @@ def test_recorder_learns_fused_padded_and_sharded_placements():
 def test_recorder_refuses_what_it_cannot_replay(loader, reason):
     model = FusedModel()
     norm = torch.randn(4)
-    recorder = CopyRecorder([("norm", norm)], unique_parameters(model))
+    recorder = CopyRecorder([("norm", norm)], list(model.named_parameters()))
     with recorder:
         loader(model, norm)
     assert recorder.unsupported is not None and reason in recorder.unsupported and "'norm'" in recorder.unsupported
@@ -123,7 +125,7 @@ def test_recorder_refuses_what_it_cannot_replay(loader, reason):
 
 def test_recorder_refuses_copies_into_non_parameters():
     model, norm, scratch = FusedModel(), torch.randn(4), torch.zeros(4)
-    recorder = CopyRecorder([("norm", norm)], unique_parameters(model))
+    recorder = CopyRecorder([("norm", norm)], list(model.named_parameters()))
     with recorder:
         scratch.copy_(norm)
     assert "not a parameter" in recorder.unsupported
@@ -136,7 +138,7 @@ def test_recorder_refuses_copies_into_non_parameters():
 def test_arena_and_target_write_bit_exact_into_the_models_parameters(dtype):
     model, first = FusedModel(tp_rank=1, dtype=dtype), hf_weights(0, dtype)
     recorder = record(model, first)
-    arena = ParamArena(unique_parameters(model))
+    arena = ParamArena(list(model.named_parameters()))
     target = None
     try:
         assert arena.path.exists() and arena.path.name.startswith(f"{ARENA_PREFIX}-{os.getpid()}-")
@@ -191,9 +193,9 @@ class DirectEngine:
         if self.direct is None:
             self.worker.harmony_record_placement()
 
-    def load_shm_bucket(self, bucket):
+    def load_bucket(self, payload):
         self.buckets += 1
-        return self.worker.harmony_load_shm_bucket(*bucket.to_wire())
+        return self.worker.harmony_load_shm_bucket(*payload.data)
 
     def finish(self, token: str):
         if self.direct is None:
@@ -222,7 +224,7 @@ def test_shm_sender_records_then_writes_directly():
             hf = hf_weights(sync)
             for e in engines:
                 e.begin()
-            stats = sender.push(lambda hf=hf: iter(groups(hf)), engines)
+            stats = sender.push(lambda hf=hf: iter(groups(hf)), LocalEngines(engines))
             for e in engines:
                 e.finish(token="a")
                 assert_params(e.model, hf)
@@ -243,7 +245,7 @@ def test_shm_sender_records_then_writes_directly():
             hf = hf_weights(sync)
             for e in engines:
                 e.begin()
-            sender.push(lambda hf=hf: iter(groups(hf)), engines)
+            sender.push(lambda hf=hf: iter(groups(hf)), LocalEngines(engines))
             for e, token in zip(engines, ("a", "b")):
                 e.finish(token)
                 assert_params(e.model, hf)

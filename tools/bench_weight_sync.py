@@ -7,7 +7,7 @@ policy rank, TP=PP=DP=1, and one engine), then Cluster.sync_weights(version, buc
 
   plain   the default: the engine's first sync goes through vLLM's loaders in /dev/shm buckets while its workers
           record where each HF tensor lands; every later sync writes the tensors straight into the engine's
-          parameters (harmony_mcore.rollout.placement, shm.DirectTarget).
+          parameters (harmony_mcore.sync.cpu_direct).
   packed  vLLM's own CPU weights (oneDNN-prepacked): every sync sends buckets into the worker's layer-wise
           `reload_weights`, which repacks each layer.
 

@@ -11,15 +11,20 @@ cannot be written), checked before any worker starts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 from safetensors import SafetensorError
 
 from harmony_mcore.dist import spawn_gloo
-from harmony_mcore.mcore.convert import DEFAULT_VOCAB_MULTIPLE, hf_to_mcore_worker, preflight_hf_to_mcore
+from harmony_mcore.mcore.convert import (
+    DEFAULT_VOCAB_MULTIPLE,
+    hf_to_mcore_worker,
+    layout_message,
+    out_dir_problem,
+    preflight_hf_to_mcore,
+    refuse,
+)
 from harmony_mcore.mcore.parallel import LayoutError
 
 # What preflight raises for bad input: ArchError, WeightMismatchError, LayoutError, JSON errors (ValueError); a
@@ -30,21 +35,8 @@ INPUT_ERRORS = (ValueError, KeyError, OSError, SafetensorError)
 def option_problems(args: argparse.Namespace) -> list[str]:
     problems = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
                 for name in ("tp", "pp", "vocab_multiple") if getattr(args, name) < 1]
-    out = Path(args.out).absolute()
-    existing = next(p for p in out.parents if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        problems.append(f"--out {args.out}: cannot be created ({existing} is not a writable directory)")
+    problems += [m for m in [out_dir_problem(args.out)] if m]
     return problems
-
-
-def refuse(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def layout_message(err: LayoutError) -> str:
-    """The layout error in the tool's own option names."""
-    return str(err).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")
 
 
 def main(argv: list[str] | None = None) -> int:

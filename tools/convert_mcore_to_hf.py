@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,14 @@ from pathlib import Path
 from harmony_mcore.dist import spawn_gloo
 from harmony_mcore.fsutil import PARTIAL_SUFFIX
 from harmony_mcore.mcore.checkpoint import META_FILE, CheckpointError
-from harmony_mcore.mcore.convert import mcore_to_hf_worker, preflight_mcore_to_hf
+from harmony_mcore.mcore.convert import (
+    layout_message,
+    mcore_to_hf_worker,
+    out_dir_problem,
+    preflight_mcore_to_hf,
+    refuse,
+)
 from harmony_mcore.mcore.parallel import LayoutError
-
 
 
 def option_problems(args: argparse.Namespace) -> list[str]:
@@ -32,21 +36,8 @@ def option_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--shard-gb must be a finite number > 0, got {args.shard_gb}")
     if Path(args.mcore).name.endswith(PARTIAL_SUFFIX):
         problems.append(f"--mcore {args.mcore}: an unfinished write ({PARTIAL_SUFFIX}), not a complete checkpoint")
-    out = Path(args.out).absolute()
-    existing = next(p for p in out.parents if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
-        problems.append(f"--out {args.out}: cannot be created ({existing} is not a writable directory)")
+    problems += [m for m in [out_dir_problem(args.out)] if m]
     return problems
-
-
-def refuse(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def layout_message(err: LayoutError) -> str:
-    """The layout error in the tool's own option names."""
-    return str(err).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,6 @@ its SFT targets there).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from harmony_mcore.data.fields import (
     type_name,
     typed_answer,
 )
+from harmony_mcore.fsutil import atomic_file
 from harmony_mcore.records import Question
 
 PROJECT_FIELDS: tuple[str, ...] = ("id", "question", "answer", "answer_type", "source")
@@ -66,19 +65,11 @@ def question_from_record(row: Row, ctx: RowContext) -> Question:
 
 def write_jsonl(records: Iterable[Mapping[str, object]], path: Path | str) -> int:
     """Write objects as JSON lines (UTF-8, unescaped), atomically; returns the number written."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

@@ -69,17 +69,14 @@ class LocalCommunicator:
 
 
 class TorchCommunicator:
-    """torch.distributed collectives over `group` (None: the default group).
-
-    Gloo groups keep the exchange on CPU; on NCCL groups the current CUDA device must be set.
-    """
+    """torch.distributed collectives over `group` (None: the default group), a gloo group: the counts are CPU
+    data (the policy passes Megatron's gloo twin of the data-parallel group, on GPU clusters too)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        on_gpu = dist.get_backend(group) == dist.Backend.NCCL
-        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.device = torch.device("cpu")
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.world_size

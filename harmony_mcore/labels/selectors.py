@@ -76,7 +76,7 @@ def lambda_power_mean(p: np.ndarray, weights: Sequence[float], lam: float) -> np
 
 
 def penalized_mean(p: np.ndarray, lam: float) -> np.ndarray:
-    """The README's parameterisation AM(a) - lambda (p0 - p1)^2 / (2 (p0 + p1)), two views. (A, 2) -> (A,).
+    """The parameterisation of docs/labels.md: AM(a) - lambda (p0 - p1)^2 / (2 (p0 + p1)), two views. (A, 2) -> (A,).
 
     lambda = 0 arithmetic mean, lambda = 1 harmonic mean (AM - HM = (p0 - p1)^2 / (2 (p0 + p1))); larger
     lambda penalises view disagreement harder and can go negative (such answers do not qualify).

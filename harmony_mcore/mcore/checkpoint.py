@@ -6,7 +6,16 @@ optimizer/scheduler/RNG/data state to the same `dist/` and `harmony.json`):
     <dir>/hf/            config.json and tokenizer files of the source HF model (for export and vLLM)
     <dir>/dist/          Megatron dist_checkpointing directory (layer-stacked, TP/PP-independent keys): the weights
                          under "model"; training checkpoints add "optimizer", "scheduler" and "rng".
+    <dir>/manifest.json  size and CRC-32 of every other file of the directory, written last (`verify` below)
 All ranks write into `<dir>.partial`; rank 0 renames it to `<dir>` after every rank finished.
+
+The manifest makes damage that happens after the write visible before anything loads (a truncated copy, a full
+disk during a later rsync, a hand-edited harmony.json): `verify` re-reads every file and compares. Each rank
+checksums the `dist/__<rank>_*.distcp` shards it wrote itself (still in its page cache), rank 0 everything else,
+so the cost is one read per byte at memory speed, spread over the ranks (measured: docs/reliability.md). CRC-32
+(zlib, ~3 GB/s on one core) finds truncation and accidental corruption, not deliberate tampering. Checkpoints
+written before manifests existed have none: `verify` says so and the caller decides (the trainer accepts them
+with a warning).
 
 Sharded state dicts are built as Megatron-LM 0.16's own training loop builds them
 (megatron/training/checkpointing.py): ONE metadata dict (`sharded_metadata`) goes to the model's and to the
@@ -25,6 +34,10 @@ defaults. Any other entry the model or optimizer needs and the checkpoint lacks 
 from __future__ import annotations
 
 import json
+import os
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +50,11 @@ from harmony_mcore.weights.arch import ArchSpec
 
 FORMAT_VERSION = 1
 META_FILE = "harmony.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+_CHUNK = 16 * 2**20  # bytes read per CRC update
+_THREADS = 4  # files checksummed at once by one process
+_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # torch_dist's shard files: __<writer rank>_<n>.distcp
 OPTIMIZER_FORMAT = "fully_reshardable"  # Megatron's DistributedOptimizer checkpoint format (see above)
 RESHARDABLE_FORMATS = ("fully_reshardable",)  # formats that load at another TP/PP
 OPTIONAL_SUFFIX = "._extra_state"  # TransformerEngine layer metadata: may be absent from a checkpoint
@@ -147,6 +165,7 @@ def save(ckpt_dir: str | Path, sharded_state_dict: dict, meta: CheckpointMeta, *
                 hf_dir.copy_metadata(hf_meta_src, tmp / "hf")
             (tmp / META_FILE).write_text(meta.to_json())
         dist.barrier()
+        _write_manifest(tmp)
     except BaseException:
         if rank0:
             fsutil.abort_atomic_dir(ckpt_dir)
@@ -155,6 +174,115 @@ def save(ckpt_dir: str | Path, sharded_state_dict: dict, meta: CheckpointMeta, *
         fsutil.commit_atomic_dir(ckpt_dir)
     dist.barrier()
     return ckpt_dir
+
+
+# --- manifest: sizes and checksums of every file, written at save time, checked before a resume ------------
+
+
+def file_digest(path: str | Path) -> dict[str, int | str]:
+    """{"bytes", "crc32"} of a file, read in chunks into one buffer (constant memory)."""
+    crc, size, buf = 0, 0, bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"bytes": size, "crc32": f"{crc:08x}"}
+
+
+def _digests(root: Path, rels: list[str], threads: int = _THREADS) -> dict[str, dict]:
+    """file_digest of each file, `threads` at a time (zlib and file reads release the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rels)))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: file_digest(root / rel), rels)))
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under root except the manifest, as sorted POSIX paths relative to root."""
+    out = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel != MANIFEST_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def _checksummed_by(rel: str, world: int) -> int:
+    """The rank that checksums a file at save time: a dist shard's writer, rank 0 for everything else."""
+    m = _SHARD.match(rel.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m and rel.startswith("dist/") and int(m.group(1)) < world else 0
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Collective, after every rank wrote its part of `tmp`: the manifest of every file in it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _digests(tmp, [rel for rel in _files(tmp) if _checksummed_by(rel, world) == rank])
+    gathered: list[dict | None] = [None] * world if rank == 0 else []
+    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    if rank == 0:
+        write_manifest(tmp, {rel: digest for part in gathered for rel, digest in (part or {}).items()})
+    dist.barrier()
+
+
+def write_manifest(ckpt_dir: str | Path, digests: dict[str, dict] | None = None) -> Path:
+    """Write `<ckpt_dir>/manifest.json` from the digests of its files (computed here, in this process, when not
+    given: tools and tests)."""
+    root = Path(ckpt_dir)
+    if digests is None:
+        digests = _digests(root, _files(root))
+    manifest = {"manifest_version": MANIFEST_VERSION, "files": dict(sorted(digests.items()))}
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return root / MANIFEST_FILE
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What `verify` found. problems: one line per damaged file ("dist/__0_0.distcp: 1,024 bytes, the manifest
+    says 4,096"); verified: False when the checkpoint has no manifest (written before manifests existed)."""
+
+    problems: tuple[str, ...]
+    verified: bool
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+
+def verify(ckpt_dir: str | Path, threads: int = _THREADS) -> Verification:
+    """Check a complete checkpoint before anything loads it: harmony.json must parse, and every file of the
+    manifest must exist with its recorded size and CRC-32 (sizes first: a truncated file costs no read). Files
+    are read by `threads` threads (zlib releases the GIL). Never raises for damage: it is reported."""
+    root = Path(ckpt_dir)
+    problems: list[str] = []
+    try:
+        read_meta(root)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # CheckpointError, JSONDecodeError, a missing field
+        problems.append(f"{META_FILE}: damaged ({type(e).__name__}: {e})")
+    reported = {META_FILE} if problems else set()  # named once, as unreadable
+    if not (root / MANIFEST_FILE).is_file():
+        return Verification(tuple(problems), verified=False)
+    try:
+        files = json.loads((root / MANIFEST_FILE).read_text())["files"]
+        expected = {str(rel): (int(d["bytes"]), str(d["crc32"])) for rel, d in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return Verification((*problems, f"{MANIFEST_FILE}: damaged ({type(e).__name__}: {e})"), verified=True)
+    to_read = []
+    for rel, (size, _) in expected.items():
+        path = root / rel
+        if rel in reported:
+            continue
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{rel}: {path.stat().st_size:,} bytes, the manifest says {size:,} (truncated or "
+                            "overwritten)")
+        else:
+            to_read.append(rel)
+    for rel, digest in _digests(root, to_read, threads).items():
+        if digest["crc32"] != expected[rel][1]:
+            problems.append(f"{rel}: checksum {digest['crc32']} != {expected[rel][1]} in the manifest "
+                            "(the content changed)")
+    return Verification(tuple(problems), verified=True)
 
 
 def load(ckpt_dir: str | Path, sharded_state_dict: dict) -> dict:

@@ -7,6 +7,8 @@ own shard, so an 8B+ model converts with TP*PP processes without any rank holdin
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -64,7 +66,7 @@ def hf_to_mcore_worker(rank: int, world: int, hf_path: str, out: str, tp: int, p
     dtype = dtype or hf_dtype(json.loads((Path(hf_path) / "config.json").read_text()))
     padded = arch.padded_vocab_size(vocab_multiple)
     parallel.check_layout(arch, tp=tp, pp=pp, world=world, padded_vocab=padded)
-    parallel.init_parallel(tp, pp, cpu=True)
+    parallel.init_parallel(tp, pp, device="cpu")
     model = build_gpt(arch, padded, dtype=dtype, spec="local", init_weights=False)
     load_hf_weights(model, hf_dir.HFWeights(hf_path), arch, padded)
     meta = checkpoint.CheckpointMeta(arch, padded, dtype, {"source": str(Path(hf_path).resolve())})
@@ -76,7 +78,7 @@ def mcore_to_hf_worker(rank: int, world: int, mcore_path: str, out: str, tp: int
     """Load the checkpoint at (tp, pp) and write it as an HF directory (see write_hf_dir)."""
     meta = checkpoint.read_meta(mcore_path)
     parallel.check_layout(meta.arch, tp=tp, pp=pp, world=world, padded_vocab=meta.padded_vocab_size)
-    parallel.init_parallel(tp, pp, cpu=True)
+    parallel.init_parallel(tp, pp, device="cpu")
     model = build_gpt(meta.arch, meta.padded_vocab_size, dtype=meta.dtype, spec="local", init_weights=False)
     checkpoint.load_model(mcore_path, model, meta.arch, meta.padded_vocab_size)
     write_hf_dir(model, meta.arch, meta.dtype, out, hf_meta_src=Path(mcore_path) / "hf", shard_bytes=shard_bytes)
@@ -129,7 +131,7 @@ def parity_worker(rank: int, world: int, hf_path: str, mcore_path: str, tp: int,
     """
     meta = checkpoint.read_meta(mcore_path)
     arch = meta.arch
-    parallel.init_parallel(tp, pp)
+    parallel.init_parallel(tp, pp, device="cpu")
     from megatron.core import parallel_state as ps
 
     from harmony_mcore.mcore.forward import forward_logits
@@ -147,3 +149,25 @@ def parity_worker(rank: int, world: int, hf_path: str, mcore_path: str, tp: int,
     with torch.no_grad():
         ref = hf_model(tokens).logits  # (B, S, vocab)
     return (logits[..., : arch.vocab_size].float().cpu() - ref).abs().max().item()
+
+
+# --- the tools' command lines (tools/convert_*.py): refusals as one line, exit 2 ----------------------------
+
+
+def out_dir_problem(out: str) -> str | None:
+    """Why --out cannot be created, or None."""
+    path = Path(out).absolute()
+    existing = next(p for p in path.parents if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        return f"--out {out}: cannot be created ({existing} is not a writable directory)"
+    return None
+
+
+def refuse(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def layout_message(err: Exception) -> str:
+    """A layout error in the tools' own option names."""
+    return str(err).replace("parallel.tp=", "--tp ").replace("parallel.pp=", "--pp ")

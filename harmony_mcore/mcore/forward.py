@@ -24,9 +24,7 @@ def forward_logits(model, tokens: torch.Tensor, micro_batch_size: int | None = N
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from harmony_mcore.mcore import parallel
-
-    dev = parallel.device()
+    dev = next(model.parameters()).device
     B, S = tokens.shape
     mbs = micro_batch_size or B
     chunks = list(tokens.to(dev).split(mbs))

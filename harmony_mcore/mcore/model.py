@@ -12,25 +12,34 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from harmony_mcore.mcore import parallel
 from harmony_mcore.weights.arch import ArchSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SpecChoice = Literal["auto", "te", "local"]
+AttentionChoice = Literal["sdpa", "unfused"]
 
 
 def te_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def use_te_spec(choice: SpecChoice = "auto") -> bool:
-    if choice == "te" and not (te_available() and parallel.on_cuda()):
+def use_te_spec(choice: SpecChoice, device: str) -> bool:
+    """TransformerEngine's layer spec: layer_spec=te, or auto where TE imports and Megatron runs on CUDA."""
+    on_cuda = device == "cuda"
+    if choice == "te" and not (te_available() and on_cuda):
         raise RuntimeError("model.layer_spec=te needs transformer_engine and a CUDA device")
-    return choice == "te" or (choice == "auto" and te_available() and parallel.on_cuda())
+    return choice == "te" or (choice == "auto" and te_available() and on_cuda)
+
+
+def compiled_fusions(device: str) -> bool:
+    """Megatron's torch.compile'd fusions: on CUDA, where Triton (which torch.compile generates GPU kernels with)
+    is installed."""
+    return device == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def transformer_config(arch: ArchSpec, *, tp: int, pp: int, dtype: str = "float32", use_te: bool = False,
-                       init_std: float = 0.02, recompute: bool = False, init_weights: bool = True):
+                       init_std: float = 0.02, recompute: bool = False, init_weights: bool = True,
+                       device: str = "cpu"):
     """The Megatron TransformerConfig of `arch` (SwiGLU MLP, RMSNorm, RoPE, GQA, optional q/k norm, QKV bias).
 
     init_weights=False skips Megatron's random initialisation (weights are left uninitialised): only for models
@@ -62,16 +71,18 @@ def transformer_config(arch: ArchSpec, *, tp: int, pp: int, dtype: str = "float3
         params_dtype=torch_dtype,
         pipeline_dtype=torch_dtype,
         bf16=torch_dtype == torch.bfloat16,
-        # Fused kernels exist only with CUDA (and TE for some); the unfused paths are numerically the reference.
-        bias_activation_fusion=use_te,
-        bias_dropout_fusion=False,
+        # The fusions Megatron offers without TE (SwiGLU and residual-add kernels that torch.compile builds with
+        # Triton) on CUDA; the CPU keeps the unfused reference paths. Rope, softmax and layer-norm fusions need TE
+        # or apex.
+        bias_activation_fusion=use_te or compiled_fusions(device),
+        bias_dropout_fusion=compiled_fusions(device),
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         cuda_graph_scope=[],  # the default "full" is deprecated and warns on every build
-        use_cpu_initialization=not parallel.on_cuda(),
+        use_cpu_initialization=device != "cuda",
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
@@ -84,28 +95,36 @@ def transformer_config(arch: ArchSpec, *, tp: int, pp: int, dtype: str = "float3
     )
 
 
-def layer_spec(arch: ArchSpec, use_te: bool):
+def layer_spec(arch: ArchSpec, use_te: bool, attention: AttentionChoice = "sdpa"):
+    """TE's spec, or Megatron's local one with its core attention on torch SDPA (harmony_mcore.mcore.attention;
+    attention="unfused" keeps Megatron's own, which materialises the s x s scores)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if attention == "sdpa":
+        from harmony_mcore.mcore.attention import SdpaAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    return spec
 
 
 def build_gpt(arch: ArchSpec, padded_vocab: int, *, dtype: str = "float32", spec: SpecChoice = "auto",
-              max_seq_len: int | None = None, recompute: bool = False, init_weights: bool = True):
-    """This rank's GPTModel (its pipeline stage) after `init_parallel`. Random init (std 0.02), or none with
-    init_weights=False when every parameter is loaded next (see transformer_config)."""
+              max_seq_len: int | None = None, recompute: bool = False, init_weights: bool = True,
+              device: str = "cpu", attention: AttentionChoice = "sdpa"):
+    """This rank's GPTModel (its pipeline stage) after `init_parallel(..., device)`, on that device. Random init
+    (std 0.02), or none with init_weights=False when every parameter is loaded next (see transformer_config)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    te = use_te_spec(spec)
+    te = use_te_spec(spec, device)
     config = transformer_config(arch, tp=ps.get_tensor_model_parallel_world_size(),
                                 pp=ps.get_pipeline_model_parallel_world_size(), dtype=dtype, use_te=te,
-                                recompute=recompute, init_weights=init_weights)
+                                recompute=recompute, init_weights=init_weights, device=device)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch, te),
+        transformer_layer_spec=layer_spec(arch, te, attention),
         vocab_size=padded_vocab,
         max_sequence_length=max_seq_len or arch.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -117,7 +136,7 @@ def build_gpt(arch: ArchSpec, padded_vocab: int, *, dtype: str = "float32", spec
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
-    if parallel.on_cuda():
+    if device == "cuda":
         model.cuda(torch.cuda.current_device())
     return model
 
@@ -127,6 +146,3 @@ def layer_offset(model) -> int:
     layers = model.decoder.layers
     return layers[0].layer_number - 1 if len(layers) else 0
 
-
-def is_local_spec(model) -> bool:
-    return any(name.endswith("input_layernorm.weight") for name, _ in model.named_parameters())

@@ -50,42 +50,38 @@ def check_layout(arch: ArchSpec, *, tp: int, pp: int, world: int | None = None,
         raise LayoutError("impossible parallel layout: " + "; ".join(errors))
 
 
-_on_cuda = False
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 
 
-def on_cuda() -> bool:
-    """Whether this process runs Megatron on its GPU (set by init_parallel)."""
-    return _on_cuda
+def torch_device(device: str) -> torch.device:
+    """The torch device of this rank's Megatron: its GPU (LOCAL_RANK, set by init_parallel), or the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if _on_cuda else torch.device("cpu")
-
-
-def init_parallel(tp: int, pp: int, *, seed: int = 1234, cpu: bool = False, timeout_s: float = 1800.0) -> None:
+def init_parallel(tp: int, pp: int, *, device: str = "cpu", seed: int = 1234, timeout_s: float = 1800.0) -> None:
     """Join the process group described by the env (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK) if not
     joined yet, then build Megatron's TP/PP/DP groups and seed its RNG tracker.
 
-    Where Megatron runs follows the process group: NCCL means one GPU per rank, gloo means the CPU, even on a
-    machine with GPUs (the CPU test tier there; a group joined by the caller, e.g. harmony_mcore.dist.spawn_gloo,
-    decides). A new group is NCCL when CUDA is available and cpu=False (checkpoint conversion passes cpu=True).
+    device (harmony_mcore.runtime): "cuda", one GPU per rank over NCCL, or "cpu", gloo with the CPU compatibility
+    layer, even on a machine with GPUs (the CPU test tier there). A group the caller joined already (e.g.
+    harmony_mcore.dist.spawn_gloo) must use the matching backend.
     """
-    global _on_cuda
     from megatron.core import parallel_state, tensor_parallel
 
     from harmony_mcore.mcore import cpu_compat
 
-    if dist.is_initialized():
-        use_cuda = dist.get_backend() == "nccl"
-    else:
-        use_cuda = torch.cuda.is_available() and not cpu
-    _on_cuda = use_cuda
-    if not use_cuda:
+    if device not in BACKENDS:
+        raise ValueError(f"device {device!r}: expected cpu or cuda")
+    if device == "cpu":
         cpu_compat.apply()
-    if not dist.is_initialized():
-        if use_cuda:
+    if dist.is_initialized():
+        if dist.get_backend() != BACKENDS[device]:
+            raise LayoutError(f"Megatron on {device} needs a {BACKENDS[device]} process group, this process "
+                              f"joined {dist.get_backend()}")
+    else:
+        if device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(BACKENDS[device], timeout=timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise LayoutError(f"world size {world} is not a multiple of tp*pp = {tp * pp}")

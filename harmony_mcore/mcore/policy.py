@@ -11,7 +11,6 @@ Ranks with the same DP rank receive the same rollouts; TP/PP replicas compute id
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,17 +19,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harmony_mcore import sync
+from harmony_mcore import batching
 from harmony_mcore.config import Config
+from harmony_mcore.console import redirect_output
 from harmony_mcore.labels.batch import AnswerSample
 from harmony_mcore.labels.reduce import label_batch
 from harmony_mcore.labels.rewards import compute_rewards
 from harmony_mcore.mcore import checkpoint, optimizer, parallel
 from harmony_mcore.mcore.forward import causal_mask
 from harmony_mcore.mcore.hf_weights import iter_hf_groups, load_hf_weights
+from harmony_mcore.mcore.logprobs import token_logprobs
 from harmony_mcore.mcore.model import build_gpt
 from harmony_mcore.records import Question, Rollout
+from harmony_mcore.runtime import CPU, Runtime
 from harmony_mcore.rl import grpo
-from harmony_mcore.rollout import transport
+from harmony_mcore.sync.protocol import RankLayout, RayEngines, WeightSender
 from harmony_mcore.weights import hf_dir
 from harmony_mcore.weights.arch import ArchSpec
 
@@ -49,6 +53,14 @@ class TrainSequence:
 
 
 @dataclass(frozen=True)
+class MicroBatch:
+    """Which sequences of the list it was cut from (their positions), and their tensors (Policy._tensors)."""
+
+    index: tuple[int, ...]
+    data: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class ScoreReport:
     rewards: list[float]  # per input rollout, input order
     advantages: list[float]
@@ -62,22 +74,30 @@ class NonFiniteError(RuntimeError):
 
 
 class Policy:
+    """runtime (harmony_mcore.runtime): where Megatron runs and which wire the weight sync takes; the cluster passes
+    the run's. Without Ray (tests, tools/gpu_check.py, the demo's warm start) the caller chooses; CPU by default."""
+
     def __init__(self, cfg: Config, arch: ArchSpec, total_steps: int, *, rank: int, world: int, master_addr: str,
-                 master_port: int, local_rank: int = 0):
+                 master_port: int, local_rank: int = 0, runtime: Runtime = CPU, log_file: str | None = None):
+        redirect_output(log_file)  # logging.console=ours: Megatron's and torch's messages to the run's logs
+        if runtime.on_gpu:  # before CUDA starts: Megatron orders its TP communication on one hardware queue
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port), LOCAL_RANK=str(local_rank))
         torch.set_num_threads(cfg.parallel.threads_per_rank)
-        self.cfg, self.arch = cfg, arch
+        self.cfg, self.arch, self.runtime = cfg, arch, runtime
         p, m = cfg.parallel, cfg.model
         parallel.check_layout(arch, tp=p.tp, pp=p.pp, world=world, padded_vocab=arch.padded_vocab_size(m.vocab_multiple))
-        parallel.init_parallel(p.tp, p.pp, seed=cfg.train.seed)
+        parallel.init_parallel(p.tp, p.pp, device=runtime.device, seed=cfg.train.seed)
         from megatron.core import parallel_state as ps
 
         self.ps = ps
+        self.device = parallel.torch_device(runtime.device)
         self.padded_vocab = arch.padded_vocab_size(m.vocab_multiple)
+        self.max_tokens = micro_batch_tokens(cfg)
         # Every parameter is loaded next (from mcore_path or hf_path), so Megatron's random init is skipped.
         self.gpt = build_gpt(arch, self.padded_vocab, dtype=m.dtype, spec=m.layer_spec, recompute=m.recompute,
-                             init_weights=False)
+                             init_weights=False, device=runtime.device, attention=m.attention)
         self._load_initial_weights()
         self.ref = self._frozen_copy() if cfg.grpo.kl_coef > 0 else None
         self.model, self.optimizer, self.scheduler = optimizer.build(self.gpt, cfg,
@@ -86,7 +106,7 @@ class Policy:
         self.old_logp: list[torch.Tensor] = []  # per micro-batch (b, S), last pipeline stage only
         self.ref_logp: list[torch.Tensor] = []
         self.nonfinite_in_row = 0
-        self._sender: transport.WeightSender | None = None  # this rank's end of the weight sync
+        self._sender: WeightSender | None = None  # this rank's end of the weight sync
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -98,8 +118,9 @@ class Policy:
             load_hf_weights(self.gpt, hf_dir.HFWeights(m.hf_path), self.arch, self.padded_vocab)
 
     def _frozen_copy(self):
-        ref = build_gpt(self.arch, self.padded_vocab, dtype=self.cfg.model.dtype, spec=self.cfg.model.layer_spec,
-                        init_weights=False)
+        m = self.cfg.model
+        ref = build_gpt(self.arch, self.padded_vocab, dtype=m.dtype, spec=m.layer_spec, init_weights=False,
+                        device=self.runtime.device, attention=m.attention)
         ref.load_state_dict(self.gpt.state_dict())
         ref.requires_grad_(False)
         return ref.eval()
@@ -127,69 +148,64 @@ class Policy:
 
     # --- tensors -------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, seqs: list[TrainSequence] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Sequences (default: this rank's batch) as padded micro-batches.
+    def _plan(self, seqs: list[TrainSequence] | None = None, updates: int = 1) -> list[list[MicroBatch]]:
+        """Sequences (default: this rank's batch) as `updates` consecutive mini-batches, each cut into
+        micro-batches: of at most parallel.max_tokens_per_micro_batch padded tokens, longest first
+        (parallel.micro_batching=tokens, harmony_mcore.batching.pack), or of micro_batch_size sequences in order
+        (fixed). The same sequences always give the same plan (log-probs and the update must line up)."""
+        everything = self.batch if seqs is None else seqs
+        per_update = -(-len(everything) // updates) if everything else 0
+        return [self._pack(everything, list(range(u * per_update, min((u + 1) * per_update, len(everything)))))
+                for u in range(updates)]
+
+    def _pack(self, seqs: list[TrainSequence], indices: list[int]) -> list[MicroBatch]:
+        p = self.cfg.parallel
+        if p.micro_batching == "fixed":
+            groups = [indices[i:i + p.micro_batch_size] for i in range(0, len(indices), p.micro_batch_size)]
+        else:
+            lengths = [len(seqs[i].tokens) for i in indices]
+            groups = [[indices[j] for j in g] for g in batching.pack(lengths, self.max_tokens, pad_multiple=PAD_MULTIPLE,
+                                                                       min_batches=p.pp)]
+        return [MicroBatch(tuple(g), self._tensors([seqs[i] for i in g])) for g in groups]
+
+    def _tensors(self, seqs: list[TrainSequence]) -> dict[str, torch.Tensor]:
+        """One micro-batch, right-padded to a multiple of PAD_MULTIPLE tokens.
 
         tokens (b, S); targets (b, S) = tokens shifted left (position t predicts token t+1); loss_mask (b, S) 1
         where the target is a response token; advantages (b, 1); rollout_logp (b, S) the engine's log-prob of
         each target response token, rollout_mask (b, S) 1 where that is known.
         """
-        dev, mbs = parallel.device(), self.cfg.parallel.micro_batch_size
-        everything = self.batch if seqs is None else seqs
-        out = []
-        for start in range(0, len(everything), mbs):
-            seqs = everything[start:start + mbs]
-            S = -(-max(len(s.tokens) for s in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
-            tokens = torch.zeros(len(seqs), S, dtype=torch.long)
-            loss_mask = torch.zeros(len(seqs), S)
-            rollout_logp, rollout_mask = torch.zeros(len(seqs), S), torch.zeros(len(seqs), S)
-            for i, s in enumerate(seqs):
-                tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
-                loss_mask[i, s.prompt_len - 1:len(s.tokens) - 1] = 1.0
-                if s.rollout_logprobs:
-                    span = slice(s.prompt_len - 1, s.prompt_len - 1 + len(s.rollout_logprobs))
-                    rollout_logp[i, span] = torch.tensor(s.rollout_logprobs)
-                    rollout_mask[i, span] = 1.0
-            targets = torch.roll(tokens, -1, dims=1)
-            advantages = torch.tensor([[s.advantage] for s in seqs])
-            out.append({k: v.to(dev) for k, v in dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
+        S = batching.padded_len(max(len(s.tokens) for s in seqs), PAD_MULTIPLE)
+        tokens = torch.zeros(len(seqs), S, dtype=torch.long)
+        loss_mask = torch.zeros(len(seqs), S)
+        rollout_logp, rollout_mask = torch.zeros(len(seqs), S), torch.zeros(len(seqs), S)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s.tokens)] = torch.tensor(s.tokens)
+            loss_mask[i, s.prompt_len - 1:len(s.tokens) - 1] = 1.0
+            if s.rollout_logprobs:
+                span = slice(s.prompt_len - 1, s.prompt_len - 1 + len(s.rollout_logprobs))
+                rollout_logp[i, span] = torch.tensor(s.rollout_logprobs)
+                rollout_mask[i, span] = 1.0
+        targets = torch.roll(tokens, -1, dims=1)
+        advantages = torch.tensor([[s.advantage] for s in seqs])
+        return {k: v.to(self.device) for k, v in dict(tokens=tokens, targets=targets, loss_mask=loss_mask,
                                                       advantages=advantages, rollout_logp=rollout_logp,
-                                                      rollout_mask=rollout_mask).items()})
-        return out
+                                                      rollout_mask=rollout_mask).items()}
 
     def _token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
         """Vocab-parallel log p(target) and entropy per position. logits (b, S, V/tp) -> (b, S), (b, S) | None.
 
-        Padded vocab rows (ids >= the real vocab) are masked out, so the distribution matches transformers and
-        vLLM exactly. TP reductions go through Megatron's autograd-aware all-reduce (gradients flow to every
-        shard).
-        """
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region as tp_sum
-
-        logits = logits.float()
+        Padded vocab rows (ids >= the real vocab) are excluded, so the distribution matches transformers and vLLM
+        exactly; about one logits-sized buffer at a time (harmony_mcore.mcore.logprobs)."""
         shard = logits.shape[-1]
-        start = self.ps.get_tensor_model_parallel_rank() * shard
-        if start + shard > self.arch.vocab_size:  # this shard holds padding rows
-            pad = torch.arange(start, start + shard, device=logits.device) >= self.arch.vocab_size
-            logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
-        local_max = logits.max(dim=-1).values.detach()
-        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=self.ps.get_tensor_model_parallel_group())
-        z = logits - local_max.unsqueeze(-1)  # (b, S, V/tp), max-shifted for stability
-        lse = torch.log(tp_sum(torch.exp(z).sum(dim=-1)))  # (b, S)
-        local_t = targets - start
-        in_shard = (local_t >= 0) & (local_t < shard)
-        z_t = torch.gather(z, -1, local_t.clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1) * in_shard
-        logp = tp_sum(z_t) - lse
-        if not with_entropy:
-            return logp, None
-        p = torch.exp(z - lse.unsqueeze(-1))
-        entropy = lse - tp_sum((p * z).sum(dim=-1))
-        return logp, entropy
+        return token_logprobs(logits, targets, vocab_start=self.ps.get_tensor_model_parallel_rank() * shard,
+                              real_vocab=self.arch.vocab_size, group=self.ps.get_tensor_model_parallel_group(),
+                              with_entropy=with_entropy)
 
     def _run_schedule(self, model, batches, loss_fn, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        dev = parallel.device()
+        dev = self.device
 
         def step(data_iterator, model_chunk):
             mb = next(data_iterator)
@@ -200,28 +216,35 @@ class Policy:
 
         return get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-            seq_length=max(b["tokens"].shape[1] for b in batches), micro_batch_size=self.cfg.parallel.micro_batch_size,
-            forward_only=forward_only,
+            seq_length=max(b["tokens"].shape[1] for b in batches),
+            micro_batch_size=max(b["tokens"].shape[0] for b in batches), forward_only=forward_only,
         )
 
     # --- log-probs -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _logprobs_of(self, model, batches) -> list[torch.Tensor]:
+    def _logprobs_of(self, model, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """Per micro-batch, log p of every target token (b, S) (last pipeline stage; [] elsewhere)."""
         def collect(logits, mb):
             logp, _ = self._token_logprobs(logits, mb["targets"], with_entropy=False)
             return torch.zeros((), device=logits.device), torch.ones((), dtype=torch.int), {"logp": logp}
 
+        if not batches:
+            return []
         model.eval()
-        results = self._run_schedule(model, batches, collect, forward_only=True)
+        results = self._run_schedule(model, [mb.data for mb in batches], collect, forward_only=True)
         return [r["logp"] for r in results] if self.ps.is_pipeline_last_stage() else []
 
     def response_logprobs(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        """The current policy's log-prob of each response token of each sequence (last pipeline stage; []
-        elsewhere)."""
-        per_batch = self._logprobs_of(self.model, self._micro_batches(seqs))
-        rows = [row for logp in per_batch for row in logp]
-        return [row[s.prompt_len - 1:len(s.tokens) - 1].float().tolist() for s, row in zip(seqs, rows)]
+        """The current policy's log-prob of each response token of each sequence, in input order (last pipeline
+        stage; [] elsewhere)."""
+        batches = self._plan(seqs)[0]
+        rows: dict[int, torch.Tensor] = {}
+        for mb, logp in zip(batches, self._logprobs_of(self.model, batches)):
+            rows.update(zip(mb.index, logp))
+        if not rows:
+            return []
+        return [rows[i][s.prompt_len - 1:len(s.tokens) - 1].float().tolist() for i, s in enumerate(seqs)]
 
     def rollout_logprobs(self, rollouts: list[Rollout]) -> list[list[float]]:
         """Megatron's log-probs of each rollout's response tokens (last pipeline stage; [] elsewhere): the
@@ -231,10 +254,11 @@ class Policy:
 
     def compute_logprobs(self) -> dict[str, float]:
         """Reference log-probs (KL term) and, when the batch is used for more than one update, old-policy
-        log-probs. With one update per step the old policy IS the current one: its log-probs are the detached
-        current ones (ratio 1, exact on-policy GRPO) and this forward pass is skipped."""
+        log-probs, per micro-batch of the step's plan. With one update per step the old policy IS the current one:
+        its log-probs are the detached current ones (ratio 1, exact on-policy GRPO) and this forward pass is
+        skipped."""
         start = time.perf_counter()
-        batches = self._micro_batches()
+        batches = [mb for update in self._plan(updates=self.cfg.grpo.updates_per_step) for mb in update]
         self.old_logp = self._logprobs_of(self.model, batches) if self.cfg.grpo.updates_per_step > 1 else []
         self.ref_logp = self._logprobs_of(self.ref, batches) if self.ref is not None else []
         return {"logprob_s": time.perf_counter() - start}
@@ -274,14 +298,15 @@ class Policy:
         """`grpo.updates_per_step` optimizer steps over the batch. A step whose loss or gradients are not finite
         on any rank is skipped everywhere (no update, counted); too many in a row stop the run."""
         start = time.perf_counter()
-        batches = self._micro_batches()
-        per_update = len(batches) // self.cfg.grpo.updates_per_step or 1
         metrics: dict[str, float] = {}
         self.model.train()
-        for u in range(0, len(batches), per_update):
-            chunk = range(u, min(u + per_update, len(batches)))
-            data = [dict(batches[i], _old=self.old_logp[i] if self.old_logp else None,
-                         _ref=self.ref_logp[i] if self.ref_logp else None) for i in chunk]
+        first = 0  # index of the update's first micro-batch in the step (old_logp / ref_logp are per micro-batch)
+        for update in self._plan(updates=self.cfg.grpo.updates_per_step):
+            chunk, first = range(first, first + len(update)), first + len(update)
+            if not update:
+                continue
+            data = [dict(mb.data, _old=self.old_logp[i] if self.old_logp else None,
+                         _ref=self.ref_logp[i] if self.ref_logp else None) for mb, i in zip(update, chunk)]
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             results = self._run_schedule(self.model, data, lambda out, mb: self._grpo_loss(out, mb, mb["_old"],
@@ -309,7 +334,7 @@ class Policy:
         finite = all(bool(torch.isfinite(torch.stack([r["pg"], r["kl"]])).all()) for r in results)
         for buffer in self.model.buffers:
             finite = finite and bool(torch.isfinite(buffer.grad_data).all())
-        flag = torch.tensor([1.0 if finite else 0.0], device=parallel.device())
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -335,17 +360,15 @@ class Policy:
 
     # --- weight sync ---------------------------------------------------------------------------------------
 
-    def _weight_sender(self, kind: str | None = None) -> transport.WeightSender:
-        """This rank's weight sender. The kind comes from Cluster.connect_weights (resolved once per run); a
-        push without a connect resolves rollout.transport here."""
+    def _weight_sender(self, kind: str | None = None) -> WeightSender:
+        """This rank's weight sender, of the runtime's wire (harmony_mcore.runtime)."""
         if kind is None:
-            kind = self._sender.kind if self._sender is not None else transport.resolve_kind(
-                self.cfg.rollout.transport, on_gpu=parallel.on_cuda(), placement=self.cfg.rollout.placement)
+            kind = self.runtime.transport
         if self._sender is None or self._sender.kind != kind:
             if self._sender is not None:
                 self._sender.close()
-            self._sender = transport.make_sender(kind, transport.RankLayout.from_megatron(),
-                                                 bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20)
+            self._sender = sync.make_sender(kind, RankLayout.from_megatron(self.runtime.device),
+                                            bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20)
         return self._sender
 
     def weight_endpoint(self, kind: str) -> dict | None:
@@ -360,7 +383,7 @@ class Policy:
         IPC, once the engines released it) and the allocator's cached blocks (activations of the update)."""
         if self._sender is not None:
             self._sender.release()
-        if parallel.on_cuda():
+        if self.runtime.on_gpu:
             torch.cuda.empty_cache()
 
     def disconnect_weights(self) -> None:
@@ -368,14 +391,15 @@ class Policy:
             self._sender.disconnect()
 
     def push_weights(self, engines: list, bucket_mb: int) -> dict[str, float]:
-        """Stream this stage's weights, HF-named through the shared table, into every engine in buckets.
+        """Stream this stage's weights, HF-named through the shared table, into every engine (Ray actor handles)
+        in buckets.
 
-        Called on every rank; the transport decides the roles (harmony_mcore.rollout.transport): shm and NCCL
-        send from each stage's TP rank 0 of DP replica 0 (the other TP ranks join the gathers), CUDA IPC goes
-        through every rank (each GPU's engine worker maps that GPU's copy).
+        Called on every rank; the wire decides the roles (harmony_mcore.sync): shm and NCCL send from each stage's
+        TP rank 0 of DP replica 0 (the other TP ranks join the gathers), CUDA IPC goes through every rank (each
+        GPU's engine worker maps that GPU's copy).
         """
-        return self._weight_sender().push(lambda: iter_hf_groups(self.gpt, self.arch, lockstep=True), engines,
-                                          bucket_mb * 2**20)
+        return self._weight_sender().push(lambda: iter_hf_groups(self.gpt, self.arch, lockstep=True),
+                                          RayEngines(engines), bucket_mb * 2**20)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -433,8 +457,30 @@ class Policy:
             self._sender.close()
         parallel.destroy_parallel()
 
+    def push_weights_or_drain(self, engines: list, bucket_mb: int) -> dict[str, float]:
+        """`push_weights` as the trainer calls it (Cluster.sync_weights), which survives an engine dying mid-sync:
+        when this rank's push fails, the rank still runs the rest of its stage's TP gathers before it raises, so
+        the stage's other TP ranks (blocked in those gathers otherwise, until the process-group timeout) finish
+        their part too, and every rank is ready for the repeated sync."""
+        opened = []
 
-def total_train_steps(num_questions: int, cfg: Config) -> int:
-    steps = math.ceil(num_questions / cfg.train.questions_per_step) * cfg.train.epochs
-    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+        def groups():
+            opened.append(iter_hf_groups(self.gpt, self.arch, lockstep=True))
+            return opened[-1]
 
+        try:
+            return self._weight_sender().push(groups, RayEngines(engines), bucket_mb * 2**20)
+        except Exception:
+            for rest in opened:
+                for _ in rest:  # this rank's remaining TP gathers
+                    pass
+            raise
+
+
+def micro_batch_tokens(cfg: Config) -> int:
+    """The padded-token budget of a micro-batch: parallel.max_tokens_per_micro_batch, or by default as many tokens
+    as micro_batch_size sequences of the longest possible length take (the fixed layout's worst case, so memory
+    never exceeds it, while short sequences share a micro-batch)."""
+    p, r = cfg.parallel, cfg.rollout
+    return p.max_tokens_per_micro_batch or p.micro_batch_size * batching.padded_len(
+        r.max_prompt_tokens + r.max_response_tokens, PAD_MULTIPLE)

@@ -1,1 +1,2 @@
-"""Rollouts: dual-view prompts, vLLM engines (Ray actors), and the receiving end of the weight sync."""
+"""Rollouts: dual-view prompts and the vLLM engines (Ray actors) that sample them; the weight sync into those
+engines is harmony_mcore.sync."""

