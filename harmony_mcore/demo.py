@@ -526,9 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # engine actors inherit this (export VLLM_LOGGING_LEVEL=INFO to see them).
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     out = Path(args.out)
-    settings = WarmStartSettings(n_warm=400, n_trap_warm=100, n_trap_test=16, epochs=1) if args.short \
+    settings = WarmStartSettings(n_warm=240, n_trap_warm=60, n_test=32, n_trap_test=16, epochs=1) if args.short \
         else WarmStartSettings()
-    overrides = ["train.max_steps=2", "eval.every=2", "eval.k=2", "logging.progress=false"] if args.short else []
+    overrides = ["train.max_steps=2", "rollout.n_per_view=4", "eval.every=2", "eval.k=2",
+                 "logging.progress=false"] if args.short else []
     start = time.perf_counter()
     task = build_task(out, settings)
     hf = warm_start(out, settings, task, load_config(DEMO_CONFIG), rebuild=args.rebuild_model)
