@@ -34,8 +34,8 @@ from harmony_mcore.config import Config
 from harmony_mcore.mcore.policy import Policy
 from harmony_mcore.rollout.engine import EngineSettings, RolloutEngine
 from harmony_mcore.runtime import Runtime, decide
-from harmony_mcore.sync.cpu_direct import sweep_stale_arenas
 from harmony_mcore.sync.nccl import nccl_world_size
+from harmony_mcore.sync.protocol import sweep_stale_shm
 from harmony_mcore.weights.arch import ArchSpec
 
 COLOCATED_SHARE = 0.45  # GPU fraction each colocated actor asks for (policy + engine share one GPU)
@@ -253,13 +253,7 @@ class ShmLedger:
             if not any(_running(proc) for proc in mappers):
                 Path(path).unlink(missing_ok=True)
                 del self.files[path]
-        sweep_stale_arenas()
-        from harmony_mcore.sync.protocol import SHM_DIR
-
-        for path in SHM_DIR.glob("harmony-*"):
-            pid = next((int(t) for t in path.name.split("-")[1:] if t.isdigit()), None)
-            if pid is not None and pid != os.getpid() and not _alive(pid):
-                path.unlink(missing_ok=True)
+        sweep_stale_shm()
 
 
 def _running(proc) -> bool:
@@ -269,16 +263,6 @@ def _running(proc) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
 
 
 def start_ray(cfg: Config) -> None:

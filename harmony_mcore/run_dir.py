@@ -79,7 +79,7 @@ class RunDir:
 
     def latest_checkpoint(self, at_most: int | None = None) -> tuple[int, Path] | None:
         """The newest complete checkpoint (structure only; `newest_intact` also checks its files)."""
-        usable = [c for c in self.checkpoints() if at_most is None or c[0] <= at_most]
+        usable = self._up_to(at_most)
         return usable[-1] if usable else None
 
     def newest_intact(self, at_most: int | None = None) -> Intact:
@@ -87,12 +87,15 @@ class RunDir:
         (harmony_mcore.mcore.checkpoint.verify), checked newest first; the damaged ones passed over on the way.
         A checkpoint without a manifest counts as intact when its harmony.json reads (verified=False)."""
         damaged: dict[Path, tuple[str, ...]] = {}
-        for step, path in reversed([c for c in self.checkpoints() if at_most is None or c[0] <= at_most]):
+        for step, path in reversed(self._up_to(at_most)):
             found = verify(path)
             if found.intact:
                 return Intact((step, path), damaged, found.verified)
             damaged[path] = found.problems
         return Intact(None, damaged)
+
+    def _up_to(self, at_most: int | None) -> list[tuple[int, Path]]:
+        return [c for c in self.checkpoints() if at_most is None or c[0] <= at_most]
 
     def set_aside(self, path: Path, why: str) -> Path:
         """Rename a checkpoint out of the way (`step_N.<why>`, numbered when taken): never picked up again, and its

@@ -24,9 +24,8 @@ from harmony_mcore.sync.cpu_direct import (
     ParamArena,
     Piece,
     covers_whole,
-    sweep_stale_arenas,
 )
-from harmony_mcore.sync.protocol import SHM_DIR, LocalEngines, RankLayout
+from harmony_mcore.sync.protocol import SHM_DIR, LocalEngines, RankLayout, sweep_stale_shm
 from harmony_mcore.sync.worker_ext import WeightReceiver
 
 Q, K, V = 6, 3, 3  # fused qkv rows
@@ -161,7 +160,7 @@ def test_arena_and_target_write_bit_exact_into_the_models_parameters(dtype):
     assert not arena.path.exists()
 
 
-def test_sweep_removes_only_arenas_of_dead_processes():
+def test_sweep_removes_only_files_of_dead_processes():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     stale = SHM_DIR / f"{ARENA_PREFIX}-{int(dead.stdout)}-test"
@@ -169,7 +168,7 @@ def test_sweep_removes_only_arenas_of_dead_processes():
     try:
         stale.touch()
         live.touch()
-        assert stale in sweep_stale_arenas()
+        assert stale in sweep_stale_shm()
         assert not stale.exists() and live.exists()
     finally:
         stale.unlink(missing_ok=True)

@@ -102,7 +102,7 @@ class Policy:
         self.ref = self._frozen_copy() if cfg.grpo.kl_coef > 0 else None
         self.model, self.optimizer, self.scheduler = optimizer.build(self.gpt, cfg,
                                                                      total_steps * cfg.grpo.updates_per_step)
-        self.batch: list[TrainSequence] = []
+        self.batch = []  # this step's sequences; setting it plans their micro-batches (step_plan)
         self.old_logp: list[torch.Tensor] = []  # per micro-batch (b, S), last pipeline stage only
         self.ref_logp: list[torch.Tensor] = []
         self.nonfinite_in_row = 0
@@ -148,6 +148,16 @@ class Policy:
 
     # --- tensors -------------------------------------------------------------------------------------------
 
+    @property
+    def batch(self) -> list[TrainSequence]:
+        return self._batch
+
+    @batch.setter
+    def batch(self, seqs: list[TrainSequence]) -> None:
+        """The step's sequences, and their plan, built once for compute_logprobs and train_step."""
+        self._batch = seqs
+        self.step_plan = self._plan(seqs, updates=self.cfg.grpo.updates_per_step)
+
     def _plan(self, seqs: list[TrainSequence] | None = None, updates: int = 1) -> list[list[MicroBatch]]:
         """Sequences (default: this rank's batch) as `updates` consecutive mini-batches, each cut into
         micro-batches: of at most parallel.max_tokens_per_micro_batch padded tokens, longest first
@@ -160,6 +170,8 @@ class Policy:
 
     def _pack(self, seqs: list[TrainSequence], indices: list[int]) -> list[MicroBatch]:
         p = self.cfg.parallel
+        if not indices:
+            return []
         if p.micro_batching == "fixed":
             groups = [indices[i:i + p.micro_batch_size] for i in range(0, len(indices), p.micro_batch_size)]
         else:
@@ -258,7 +270,7 @@ class Policy:
         its log-probs are the detached current ones (ratio 1, exact on-policy GRPO) and this forward pass is
         skipped."""
         start = time.perf_counter()
-        batches = [mb for update in self._plan(updates=self.cfg.grpo.updates_per_step) for mb in update]
+        batches = [mb for update in self.step_plan for mb in update]
         self.old_logp = self._logprobs_of(self.model, batches) if self.cfg.grpo.updates_per_step > 1 else []
         self.ref_logp = self._logprobs_of(self.ref, batches) if self.ref is not None else []
         return {"logprob_s": time.perf_counter() - start}
@@ -301,7 +313,7 @@ class Policy:
         metrics: dict[str, float] = {}
         self.model.train()
         first = 0  # index of the update's first micro-batch in the step (old_logp / ref_logp are per micro-batch)
-        for update in self._plan(updates=self.cfg.grpo.updates_per_step):
+        for update in self.step_plan:
             chunk, first = range(first, first + len(update)), first + len(update)
             if not update:
                 continue

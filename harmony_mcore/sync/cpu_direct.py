@@ -36,9 +36,7 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -49,6 +47,7 @@ from harmony_mcore.sync.protocol import (
     TensorMeta,
     bucket_meta,
     buffer_bytes,
+    sweep_stale_shm,
     unpack,
 )
 
@@ -206,29 +205,14 @@ class CopyRecorder(TorchDispatchMode):
 # --- the engine's parameters in /dev/shm -------------------------------------------------------------------
 
 
-def sweep_stale_arenas() -> list[Path]:
-    """Unlink the parameter files of engine workers that no longer exist (a SIGKILLed worker cannot unlink its
-    own). Files are named after the owning pid; those of live processes are left alone."""
-    removed = []
-    for path in SHM_DIR.glob(f"{ARENA_PREFIX}-*"):
-        try:
-            pid = int(path.name.removeprefix(f"{ARENA_PREFIX}-").split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not psutil.pid_exists(pid):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 class ParamArena:
     """Worker side: the worker's parameters moved into one /dev/shm file, so a sender on the same machine can
     write new weights straight into them. Each parameter's storage becomes a view of the file
     (`param.data = view`); the model computes on it as before. The file lives as long as the worker:
-    `unlink()` at shutdown, `sweep_stale_arenas` after a crash."""
+    `unlink()` at shutdown, `protocol.sweep_stale_shm` after a crash."""
 
     def __init__(self, params: Sequence[tuple[str, torch.Tensor]]):
-        sweep_stale_arenas()
+        sweep_stale_shm()
         for name, p in params:
             if not p.is_contiguous():
                 raise ValueError(f"ParamArena: parameter {name!r} is not contiguous")

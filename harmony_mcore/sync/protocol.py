@@ -18,6 +18,23 @@ Group = list[tuple[str, torch.Tensor]]  # the HF tensors of one model parameter 
 GroupsFn = Callable[[], Iterable[Group]]
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")  # shm buckets, cpu_direct arenas
+
+
+def sweep_stale_shm() -> list[Path]:
+    """Unlink our /dev/shm files whose owner process is gone (a killed process cannot unlink its own): every file
+    is named harmony-<tag>-<owner pid>-... (shm bucket slots, cpu_direct parameter arenas). Files of live
+    processes and of this one are left alone."""
+    import os
+
+    import psutil
+
+    removed = []
+    for path in SHM_DIR.glob("harmony-*-*-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 SHM_ALIGN = 64  # byte alignment of each tensor inside a /dev/shm file
 
 
